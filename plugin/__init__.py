@@ -1,0 +1,1 @@
+"""gpushare node daemon: gRPC device plugin servers, kubelet lifecycle, composition, CLI."""

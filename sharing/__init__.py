@@ -1,0 +1,1 @@
+"""gpushare domain: inventory, config, plan, strategies, allocation, health. No gRPC, no processes."""
