@@ -75,10 +75,16 @@ class ResourcePlan:
     _by_id: dict[str, VirtualDevice] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _by_parent: dict[str, tuple[VirtualDevice, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
+        groups: dict[str, list[VirtualDevice]] = {}
         for device in self.devices:
             self._by_id[device.id] = device
+            groups.setdefault(device.physical_id, []).append(device)
+        self._by_parent.update((k, tuple(v)) for k, v in groups.items())
 
     @property
     def suffix(self) -> str:
@@ -93,6 +99,15 @@ class ResourcePlan:
     def device(self, device_id: str) -> VirtualDevice | None:
         """The virtual device with this advertised ID, or None."""
         return self._by_id.get(device_id)
+
+    def devices_of(self, physical_id: str) -> tuple[VirtualDevice, ...]:
+        """The virtual devices (replicas) of one physical parent, in replica order."""
+        return self._by_parent.get(physical_id, ())
+
+    @property
+    def physical_ids(self) -> tuple[str, ...]:
+        """Physical parents of this resource's devices, in plan order."""
+        return tuple(self._by_parent)
 
     @property
     def shared(self) -> bool:
@@ -122,6 +137,8 @@ class Plan:
     resources: tuple[ResourcePlan, ...]
     options: ServeOptions = ServeOptions()
     labels: tuple[tuple[str, str], ...] = ()
+    # GPU link score matrix by GPU index (facts §3), copied from the Inventory for allocation.
+    topology: tuple[tuple[int, ...], ...] = ()
 
     def resource(self, name: str) -> ResourcePlan | None:
         """The resource with this advertised name, or None."""
