@@ -1,0 +1,477 @@
+"""Health policy, the health overlay, its propagation and recovery rules. Pure: time is passed in.
+
+The overlay maps a physical ID to the reason it is unhealthy. Keys are a GPU UUID (whole-GPU
+events, lost GPUs), a MIG device UUID (events scoped to a GPU instance / compute instance) or
+`mps:<resource>` (that resource's MPS daemon is down). One rule turns the overlay into virtual
+device health (`unhealthy_reason`): a virtual device of resource R is Unhealthy when its
+physical ID, its parent GPU UUID or `mps:<R>` is in the overlay. So a GPU event reaches every
+replica of the GPU, every MIG device on it and every replica of those, in every resource.
+
+Recovery is modelled, not left to a restart:
+- A recoverable XID (neither ignored nor reset-class) clears once the quiet period has passed
+  since the last critical XID on that device and the GPU answered an NVML probe after that XID.
+- A reset-class XID (default 48, 79, 95) clears only when the GPU is seen again after a reset.
+  NVML has no "reset happened" counter, so the signal is: the GPU stopped answering NVML (a reset
+  takes it off the bus for a moment; `gpushare sim reset` does the same to a simulated GPU) and
+  then answered again; or the caller reports a reset it observed directly (`on_gpu_reset`).
+- A lost GPU (probe answered GPU_IS_LOST or the inventory marks it lost) is healthy again as
+  soon as it answers a probe, which also counts as being seen after a reset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+from sharing.devices import Inventory
+from sharing.errors import ConfigError
+from sharing.plan import Plan, VirtualDevice
+
+DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+DEFAULT_RESET_REQUIRED_XIDS = frozenset({48, 79, 95})
+DEFAULT_QUIET_PERIOD_S = 300.0
+DEFAULT_PROBE_INTERVAL_S = 10.0
+ENV_DISABLE = "DP_DISABLE_HEALTHCHECKS"
+ENV_ENABLE = "DP_ENABLE_HEALTHCHECKS"
+
+# NVML event type bits (nvmlEventType*); values are the NVML ABI.
+EVENT_SINGLE_BIT_ECC = 0x1
+EVENT_DOUBLE_BIT_ECC = 0x2
+EVENT_XID_CRITICAL = 0x8
+DOUBLE_BIT_ECC_XID = 48  # a double-bit ECC event is judged like XID 48
+WHOLE_GPU_SCOPE = 0xFFFFFFFF  # GI/CI ID NVML reports when an event concerns the whole GPU
+
+XID_DESCRIPTIONS: Mapping[int, str] = MappingProxyType(
+    {
+        13: "graphics engine exception",
+        31: "GPU memory page fault",
+        43: "GPU stopped processing",
+        45: "preemptive cleanup",
+        48: "double-bit ECC error",
+        63: "ECC page retirement or row remapping event",
+        64: "ECC page retirement or row remapping failure",
+        68: "video processor exception",
+        74: "NVLink error",
+        79: "GPU has fallen off the bus",
+        92: "high single-bit ECC error rate",
+        94: "contained ECC error",
+        95: "uncontained ECC error",
+        109: "context switch timeout",
+        119: "GSP RPC timeout",
+        120: "GSP error",
+    }
+)
+
+Cause = Literal["lost", "reset", "xid", "mps"]
+_CAUSE_ORDER: tuple[Cause, ...] = ("lost", "reset", "xid", "mps")
+
+
+def describe_xid(xid: int) -> str:
+    """`XID 79 (GPU has fallen off the bus)`, or `XID n` for XIDs without a description."""
+    text = XID_DESCRIPTIONS.get(xid)
+    return f"XID {xid} ({text})" if text else f"XID {xid}"
+
+
+def mps_key(resource: str) -> str:
+    """Overlay key of the MPS daemon that serves `resource`."""
+    return f"mps:{resource}"
+
+
+class XidEventLike(Protocol):
+    """What the health rules read from an NVML event (sharing.nvml.XidEvent has these fields)."""
+
+    gpu_index: int
+    gpu_uuid: str
+    xid: int
+    event_type: int
+    gi_id: int | None
+    ci_id: int | None
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """The `health:` config section (gpushare extension), durations in seconds."""
+
+    disabled: bool = False
+    ignored_xids: frozenset[int] = DEFAULT_IGNORED_XIDS
+    reset_required_xids: frozenset[int] = DEFAULT_RESET_REQUIRED_XIDS
+    recovery_quiet_period_s: float = DEFAULT_QUIET_PERIOD_S
+    probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S
+
+
+def _parse_xid_list(variable: str, text: str) -> tuple[bool, frozenset[int]]:
+    """Parse `all`/`xids` or a comma list of XIDs; returns (all, xids)."""
+    everything = False
+    xids: set[int] = set()
+    for raw in text.split(","):
+        token = raw.strip().lower()
+        if not token:
+            continue
+        if token in ("all", "xids"):
+            everything = True
+        elif token.isdigit():
+            xids.add(int(token))
+        else:
+            raise ConfigError(
+                f"{variable}: invalid value {raw.strip()!r} in {text!r}: "
+                "expected 'all', 'xids' or a comma-separated list of XID numbers"
+            )
+    return everything, frozenset(xids)
+
+
+@dataclass(frozen=True)
+class XidPolicy:
+    """Which XIDs mark a device unhealthy, and which of those need a GPU reset to recover."""
+
+    disabled: bool = False  # no XID or probe health checks at all
+    ignore_all: bool = False  # every XID is ignored unless explicitly enabled
+    ignored: frozenset[int] = DEFAULT_IGNORED_XIDS
+    enable_all: bool = False  # no XID is ignored
+    enabled: frozenset[int] = frozenset()
+    reset_required: frozenset[int] = DEFAULT_RESET_REQUIRED_XIDS
+
+    @classmethod
+    def from_lists(
+        cls, disabled: str | None, enabled: str | None, settings: HealthSettings | None = None
+    ) -> XidPolicy:
+        """Policy from DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS values and the config.
+
+        DP_DISABLE_HEALTHCHECKS: `all` turns health checks off, `xids` ignores every XID, a
+        comma list adds XIDs to the ignored set. DP_ENABLE_HEALTHCHECKS (`all` or a list) wins
+        over both: the XIDs it names are never ignored, even when checks are otherwise off.
+
+        Raises:
+            ConfigError: a value is neither `all`, `xids` nor a list of numbers.
+        """
+        settings = settings or HealthSettings()
+        disable_text = (disabled or "").strip()
+        dis_all = disable_text.lower() == "all"
+        ignore_all, extra = _parse_xid_list(ENV_DISABLE, "" if dis_all else disable_text)
+        enable_all, enable = _parse_xid_list(ENV_ENABLE, enabled or "")
+        enabling = enable_all or bool(enable)
+        switched_off = settings.disabled or dis_all
+        return cls(
+            disabled=switched_off and not enabling,
+            ignore_all=ignore_all or switched_off,
+            ignored=settings.ignored_xids | extra,
+            enable_all=enable_all,
+            enabled=enable,
+            reset_required=settings.reset_required_xids,
+        )
+
+    def is_ignored(self, xid: int) -> bool:
+        """True when this XID must not change any device's health."""
+        if self.disabled:
+            return True
+        if self.enable_all or xid in self.enabled:
+            return False
+        return self.ignore_all or xid in self.ignored
+
+    def needs_reset(self, xid: int) -> bool:
+        """True when a device with this XID recovers only after a GPU reset."""
+        return xid in self.reset_required
+
+
+def event_xid(event: XidEventLike) -> int | None:
+    """The XID an event is judged by: its own, 48 for a double-bit ECC event, None to skip it."""
+    if event.event_type & EVENT_XID_CRITICAL:
+        return event.xid
+    if event.event_type & EVENT_DOUBLE_BIT_ECC:
+        return event.xid or DOUBLE_BIT_ECC_XID
+    return None  # single-bit ECC errors are corrected; they never mark a device
+
+
+def _scope_id(value: int | None) -> int | None:
+    return None if value is None or value == WHOLE_GPU_SCOPE else value
+
+
+def route_event(event: XidEventLike, inventory: Inventory) -> tuple[str, ...]:
+    """Overlay keys an event marks: the GPU UUID, or the MIG devices with its GI (and CI) ID.
+
+    A GI/CI-scoped event on a GPU without a matching MIG device marks the whole GPU.
+    """
+    gpu = inventory.gpu_by_uuid(event.gpu_uuid)
+    gi, ci = _scope_id(event.gi_id), _scope_id(event.ci_id)
+    if gpu is None or gi is None:
+        return (event.gpu_uuid,)
+    keys = tuple(
+        mig.uuid
+        for mig in gpu.mig_devices
+        if mig.gi_id == gi and (ci is None or mig.ci_id == ci)
+    )
+    return keys or (gpu.uuid,)
+
+
+def unhealthy_reason(
+    resource: str, device: VirtualDevice, overlay: Mapping[str, str]
+) -> str | None:
+    """Why a virtual device of `resource` is Unhealthy under the overlay, or None if Healthy."""
+    for key in (device.physical_id, device.gpu_uuid, mps_key(resource)):
+        reason = overlay.get(key)
+        if reason is not None:
+            return reason
+    return None
+
+
+def unhealthy_devices(plan: Plan, overlay: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Resource name -> {virtual device ID: reason} for every Unhealthy virtual device."""
+    result: dict[str, dict[str, str]] = {}
+    for res in plan.resources:
+        marked = {
+            dev.id: reason
+            for dev in res.devices
+            if (reason := unhealthy_reason(res.name, dev, overlay)) is not None
+        }
+        if marked:
+            result[res.name] = marked
+    return result
+
+
+def affected_devices(plan: Plan, overlay_key: str) -> int:
+    """Number of virtual devices, over all resources, that an overlay key makes Unhealthy."""
+    count = 0
+    for res in plan.resources:
+        if overlay_key == mps_key(res.name):
+            count += len(res.devices)
+            continue
+        count += sum(1 for d in res.devices if overlay_key in (d.physical_id, d.gpu_uuid))
+    return count
+
+
+@dataclass(frozen=True)
+class HealthTransition:
+    """One change of one overlay key, with what a log line needs."""
+
+    key: str
+    healthy: bool
+    reason: str  # why it is unhealthy now, or why it recovered
+    affected: int  # virtual devices whose health this key decides
+    gpu_index: int | None = None
+    gpu_uuid: str = ""
+    xid: int | None = None
+
+    @property
+    def message(self) -> str:
+        """`gpu 3 (GPU-…) unhealthy: XID 79 (…), reset required; 4 virtual devices affected`."""
+        if self.key.startswith("mps:"):
+            subject = f"MPS daemon of {self.key[4:]}"
+        else:
+            gpu = f"gpu {self.gpu_index} ({self.gpu_uuid})"
+            subject = gpu if self.key == self.gpu_uuid else f"MIG device {self.key} on {gpu}"
+        state = "healthy again" if self.healthy else "unhealthy"
+        noun = "virtual device" if self.affected == 1 else "virtual devices"
+        return f"{subject} {state}: {self.reason}; {self.affected} {noun} affected"
+
+
+@dataclass
+class _Fault:
+    cause: Cause
+    reason: str
+    gpu_uuid: str
+    gpu_index: int | None
+    xid: int | None
+    last_event_at: float
+    events: int = 1
+
+
+@dataclass
+class _GpuProbe:
+    last_ok_at: float | None = None
+    unanswering: bool = False
+
+
+@dataclass
+class HealthTracker:
+    """The health state machine: events, probes and time in; overlay and transitions out."""
+
+    policy: XidPolicy
+    quiet_period_s: float = DEFAULT_QUIET_PERIOD_S
+    plan: Plan = field(default_factory=lambda: Plan(resources=()))
+    inventory: Inventory = field(default_factory=lambda: Inventory(gpus=()))
+    _faults: dict[str, dict[Cause, _Fault]] = field(default_factory=dict, init=False)
+    _probes: dict[str, _GpuProbe] = field(default_factory=dict, init=False)
+    _overlay: dict[str, str] = field(default_factory=dict, init=False)
+    version: int = field(default=0, init=False)
+    events_seen: int = field(default=0, init=False)
+    events_ignored: int = field(default=0, init=False)
+
+    def overlay(self) -> Mapping[str, str]:
+        """A read-only copy of the current overlay: physical ID -> reason."""
+        return MappingProxyType(dict(self._overlay))
+
+    def set_plan(self, plan: Plan, inventory: Inventory) -> list[HealthTransition]:
+        """Adopt a new Plan and Inventory; drops faults of MIG devices that no longer exist."""
+        self.plan, self.inventory = plan, inventory
+        gone = [
+            key
+            for key, faults in self._faults.items()
+            if not key.startswith("mps:")
+            and key != next(iter(faults.values())).gpu_uuid
+            and inventory.mig_by_uuid(key) is None
+        ]
+        out: list[HealthTransition] = []
+        for key in gone:
+            for cause in list(self._faults.get(key, {})):
+                out += self._clear(key, cause, "MIG device no longer exists")
+        return out
+
+    # -- events -----------------------------------------------------------------------------
+
+    def on_event(self, event: XidEventLike, now: float) -> list[HealthTransition]:
+        """Apply one NVML event at time `now`; returns the transitions it caused."""
+        self.events_seen += 1
+        xid = event_xid(event)
+        if xid is None or self.policy.is_ignored(xid):
+            self.events_ignored += 1
+            return []
+        cause: Cause = "reset" if self.policy.needs_reset(xid) else "xid"
+        reason = describe_xid(xid) + (", reset required" if cause == "reset" else "")
+        out: list[HealthTransition] = []
+        for key in route_event(event, self.inventory):
+            fault = self._faults.get(key, {}).get(cause)
+            if fault is not None:
+                fault.last_event_at, fault.events = now, fault.events + 1
+                continue
+            fault = _Fault(cause, reason, event.gpu_uuid, event.gpu_index, xid, now)
+            out += self._set(key, fault)
+        return out
+
+    def on_events(self, events: Iterable[XidEventLike], now: float) -> list[HealthTransition]:
+        """Apply a batch of events at time `now`."""
+        out: list[HealthTransition] = []
+        for event in events:
+            out += self.on_event(event, now)
+        return out
+
+    # -- probes and resets ------------------------------------------------------------------
+
+    def on_probe(
+        self, gpu_uuid: str, ok: bool, now: float, detail: str = ""
+    ) -> list[HealthTransition]:
+        """Record an NVML probe of a GPU; a failed probe marks it lost, an answer may end that."""
+        if self.policy.disabled:
+            return []
+        probe = self._probes.setdefault(gpu_uuid, _GpuProbe())
+        if not ok:
+            was = probe.unanswering
+            probe.unanswering = True
+            if was:
+                return []
+            gpu = self.inventory.gpu_by_uuid(gpu_uuid)
+            reason = "GPU lost" + (f": {detail}" if detail else "")
+            index = gpu.index if gpu else None
+            return self._set(gpu_uuid, _Fault("lost", reason, gpu_uuid, index, None, now))
+        probe.last_ok_at = now
+        if not probe.unanswering:
+            return []
+        probe.unanswering = False
+        return self.on_gpu_reset(gpu_uuid, now)
+
+    def on_gpu_reset(self, gpu_uuid: str, now: float) -> list[HealthTransition]:
+        """The GPU was seen again after a reset: clear its lost and reset-class faults."""
+        probe = self._probes.setdefault(gpu_uuid, _GpuProbe())
+        probe.unanswering, probe.last_ok_at = False, now
+        out: list[HealthTransition] = []
+        for key, faults in list(self._faults.items()):
+            for cause in ("lost", "reset"):
+                fault = faults.get(cause)
+                if fault is not None and fault.gpu_uuid == gpu_uuid:
+                    why = "answers NVML again" if cause == "lost" else "seen again after a reset"
+                    out += self._clear(key, cause, why)
+        return out
+
+    def gpu_unanswering(self, gpu_uuid: str) -> bool:
+        """True while the GPU's last probe failed."""
+        probe = self._probes.get(gpu_uuid)
+        return bool(probe and probe.unanswering)
+
+    # -- MPS ----------------------------------------------------------------------------------
+
+    def on_mps_down(self, resource: str, reason: str, now: float) -> list[HealthTransition]:
+        """The MPS daemon of `resource` is down: every device of that resource is Unhealthy."""
+        fault = _Fault("mps", f"MPS daemon down: {reason}", "", None, None, now)
+        key = mps_key(resource)
+        if "mps" in self._faults.get(key, {}):
+            return []
+        return self._set(key, fault)
+
+    def on_mps_up(self, resource: str) -> list[HealthTransition]:
+        """The MPS daemon of `resource` answers again."""
+        return self._clear(mps_key(resource), "mps", "MPS daemon answers again")
+
+    # -- time -------------------------------------------------------------------------------
+
+    def next_recovery_at(self) -> float | None:
+        """Earliest time a recoverable fault's quiet period ends, or None when there is none."""
+        ends = [
+            f.last_event_at + self.quiet_period_s
+            for faults in self._faults.values()
+            if (f := faults.get("xid")) is not None
+        ]
+        return min(ends, default=None)
+
+    def recovery_candidates(self, now: float) -> tuple[str, ...]:
+        """UUIDs of GPUs with a recoverable fault whose quiet period has passed (probe these)."""
+        uuids = {
+            f.gpu_uuid
+            for faults in self._faults.values()
+            if (f := faults.get("xid")) is not None
+            and now - f.last_event_at >= self.quiet_period_s
+        }
+        return tuple(sorted(uuids))
+
+    def tick(self, now: float) -> list[HealthTransition]:
+        """Clear recoverable faults whose quiet period passed and whose GPU answered since."""
+        out: list[HealthTransition] = []
+        for key, faults in list(self._faults.items()):
+            fault = faults.get("xid")
+            if fault is None or now - fault.last_event_at < self.quiet_period_s:
+                continue
+            probe = self._probes.get(fault.gpu_uuid)
+            if probe is None or probe.unanswering or probe.last_ok_at is None:
+                continue
+            if probe.last_ok_at < fault.last_event_at:
+                continue
+            quiet = f"no critical XID for {self.quiet_period_s:g}s and the GPU answers NVML"
+            out += self._clear(key, "xid", quiet)
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _set(self, key: str, fault: _Fault) -> list[HealthTransition]:
+        self._faults.setdefault(key, {})[fault.cause] = fault
+        return self._refresh(key, fault, fault.reason)
+
+    def _clear(self, key: str, cause: Cause, why: str) -> list[HealthTransition]:
+        faults = self._faults.get(key, {})
+        fault = faults.pop(cause, None)
+        if fault is None:
+            return []
+        if not faults:
+            del self._faults[key]
+        return self._refresh(key, fault, f"{fault.reason} cleared: {why}")
+
+    def _refresh(self, key: str, fault: _Fault, why: str) -> list[HealthTransition]:
+        faults = self._faults.get(key, {})
+        reason = "; ".join(faults[c].reason for c in _CAUSE_ORDER if c in faults)
+        before = self._overlay.get(key)
+        if reason:
+            self._overlay[key] = reason
+        else:
+            self._overlay.pop(key, None)
+        if before == (reason or None):
+            return []
+        self.version += 1
+        return [
+            HealthTransition(
+                key=key,
+                healthy=not reason,
+                reason=reason or why,
+                affected=affected_devices(self.plan, key),
+                gpu_index=fault.gpu_index,
+                gpu_uuid=fault.gpu_uuid,
+                xid=fault.xid,
+            )
+        ]
