@@ -1,0 +1,325 @@
+"""Pydantic models of the config file: NVIDIA device plugin `version: v1` plus gpushare extensions.
+
+Every model forbids unknown keys and is frozen. Field aliases are the camelCase keys of the file.
+Values are normalised while parsing (resource names get their `nvidia.com/` prefix, durations
+become seconds, memory sizes MiB), and each normalised value is valid input again, so a dumped
+config (`model_dump(by_alias=True)`) validates to the same config.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+DEFAULT_PREFIX = "nvidia.com"
+MAX_RESOURCE_NAME = 63
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_GPU_UUID = re.compile(rf"GPU-{_UUID}")
+_MIG_UUID = re.compile(rf"MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
+_MIG_INDEX = re.compile(r"\d+:\d+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MEMORY = re.compile(r"(\d+)([MG])")
+
+
+class FieldIssue(ValueError):
+    """A validation problem below the field being validated (e.g. one item of a list)."""
+
+    def __init__(self, subpath: str, message: str) -> None:
+        super().__init__(message)
+        self.subpath = subpath
+        self.message = message
+
+
+def _quote(value: object) -> str:
+    """A value as it appears in error messages."""
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def resource_name(value: object) -> str:
+    """Normalise and check an extended resource name (facts §2)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty resource name, got {_quote(value)}")
+    full = value if "/" in value else f"{DEFAULT_PREFIX}/{value}"
+    domain, _, name = full.partition("/")
+    if len(full) > MAX_RESOURCE_NAME:
+        raise ValueError(
+            f"resource name {_quote(full)} is {len(full)} characters; "
+            f"at most {MAX_RESOURCE_NAME} are allowed"
+        )
+    for part, what in ((domain, "domain"), (name, "name")):
+        if not _DNS_SUBDOMAIN.fullmatch(part):
+            raise ValueError(
+                f"resource {what} {_quote(part)} of {_quote(full)} must be a DNS subdomain "
+                "(lower-case letters, digits, '-' and '.', starting and ending with a letter "
+                "or digit)"
+            )
+    return full
+
+
+def device_ref(value: object) -> str:
+    """Check one entry of a `devices` list and return it as a string."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and (
+        value.isdigit()
+        or _MIG_INDEX.fullmatch(value)
+        or _GPU_UUID.fullmatch(value)
+        or _MIG_UUID.fullmatch(value)
+    ):
+        return value
+    raise ValueError(
+        f'must be a GPU index, a MIG index "<gpu>:<mig>", a GPU-<uuid> or a MIG-<uuid>, '
+        f"got {_quote(value)}"
+    )
+
+
+def devices_spec(value: object) -> str | int | tuple[str, ...]:
+    """Parse `devices`: "all", a positive count, or a list of device references."""
+    if isinstance(value, str):
+        if value != "all":
+            raise ValueError(f'must be "all", a count or a list of devices, got {_quote(value)}')
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f'must be "all", a count or a list of devices, got {value!r}')
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a device count must be >= 1, got {value}")
+        return value
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError('the device list is empty; list at least one device or use "all"')
+        refs = []
+        for i, item in enumerate(value):
+            try:
+                refs.append(device_ref(item))
+            except ValueError as err:
+                raise FieldIssue(f"[{i}]", str(err)) from err
+        return tuple(refs)
+    raise ValueError(f'must be "all", a count or a list of devices, got {_quote(value)}')
+
+
+def duration_s(value: object) -> float:
+    """Parse a duration: seconds as a number, or a string like "250ms", "30s", "5m", "1h30m"."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and value:
+        parts = _DURATION_PART.findall(value)
+        if "".join(n + u for n, u in parts) == value:
+            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(
+        f'must be a duration such as "250ms", "30s", "5m" or a number of seconds, '
+        f"got {_quote(value)}"
+    )
+
+
+def memory_mib(value: object) -> int:
+    """Parse a per-replica memory limit: "4096M", "4G" or a number of MiB."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (match := _MEMORY.fullmatch(value)) and int(match[1]) > 0:
+        return int(match[1]) * (1024 if match[2] == "G" else 1)
+    raise ValueError(f'must be a memory size such as "4096M", "4G" or MiB, got {_quote(value)}')
+
+
+def device_list_strategy(value: object) -> tuple[str, ...]:
+    """Parse `deviceListStrategy`: one strategy or a list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"must be a strategy or a list of strategies, got {_quote(value)}")
+    for i, item in enumerate(items):
+        if item not in DEVICE_LIST_STRATEGIES:
+            raise FieldIssue(
+                f"[{i}]",
+                f"must be one of {', '.join(DEVICE_LIST_STRATEGIES)}, got {_quote(item)}",
+            )
+    return tuple(items)
+
+
+def _nonempty(value: tuple[object, ...]) -> tuple[object, ...]:
+    """Reject an empty resources list."""
+    if not value:
+        raise ValueError("no resources specified; list at least one entry")
+    return value
+
+
+ResourceName = Annotated[str, BeforeValidator(resource_name)]
+Devices = Annotated[str | int | tuple[str, ...], BeforeValidator(devices_spec)]
+DurationS = Annotated[float, BeforeValidator(duration_s)]
+MemoryMiB = Annotated[int, BeforeValidator(memory_mib)]
+DeviceListStrategies = Annotated[tuple[str, ...], BeforeValidator(device_list_strategy)]
+Xid = Annotated[StrictInt, Field(ge=0)]
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are frozen."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=False
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: object) -> object:
+        """A key set to null (`key:` with nothing after it) means the key is unset."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class PluginFlags(StrictModel):
+    """`flags.plugin`: how devices are handed to containers."""
+
+    pass_device_specs: StrictBool = False
+    device_list_strategy: DeviceListStrategies = ("envvar",)
+    device_id_strategy: Literal["uuid", "index"] = Field("uuid", alias="deviceIDStrategy")
+    cdi_annotation_prefix: StrictStr = "cdi.k8s.io/"
+    nvidia_ctk_path: StrictStr = Field("/usr/bin/nvidia-ctk", alias="nvidiaCTKPath")
+    container_driver_root: StrictStr = "/driver-root"
+    shared_devices_allocation_policy: Literal["distributed", "packed"] = "distributed"
+
+
+class GfdFlags(StrictModel):
+    """`flags.gfd`: accepted for compatibility with the NVIDIA format; not used by gpushare."""
+
+    oneshot: StrictBool = False
+    no_timestamp: StrictBool = False
+    sleep_interval: DurationS = 60.0
+    output_file: StrictStr = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
+    machine_type_file: StrictStr = "/sys/class/dmi/id/product_name"
+
+
+class Flags(StrictModel):
+    """`flags`: the NVIDIA device plugin's command-line flags, as a file section."""
+
+    mig_strategy: Literal["none", "single", "mixed"] = "none"
+    fail_on_init_error: StrictBool = True
+    restart_on_device_unhealthy: StrictBool = False
+    mps_root: StrictStr = ""
+    nvidia_driver_root: StrictStr = "/"
+    nvidia_dev_root: StrictStr = ""  # empty: same as nvidiaDriverRoot
+    gdrcopy_enabled: StrictBool = False
+    gds_enabled: StrictBool = False
+    mofed_enabled: StrictBool = False
+    use_node_feature_api: StrictBool = Field(False, alias="useNodeFeatureAPI")
+    device_discovery_strategy: Literal["auto", "nvml", "tegra"] = "auto"
+    plugin: PluginFlags = PluginFlags()
+    gfd: GfdFlags = GfdFlags()
+
+    @property
+    def dev_root(self) -> str:
+        """Root of the device nodes on the host: nvidiaDevRoot, else nvidiaDriverRoot."""
+        return self.nvidia_dev_root or self.nvidia_driver_root
+
+
+class NamedPattern(StrictModel):
+    """`resources.gpus[]` / `resources.mig[]`: devices whose name matches `pattern` get `name`."""
+
+    pattern: StrictStr
+    name: ResourceName
+
+    def matches(self, text: str) -> bool:
+        """Wildcard match (`*` = any run), anchored at both ends."""
+        regex = ".*".join(re.escape(part) for part in self.pattern.split("*"))
+        return re.fullmatch(regex, text) is not None
+
+
+class Resources(StrictModel):
+    """`resources`: custom names for full GPUs (by product name) and MIG devices (by profile)."""
+
+    gpus: tuple[NamedPattern, ...] = ()
+    mig: tuple[NamedPattern, ...] = ()
+
+
+class ReplicatedResource(StrictModel):
+    """One entry of `sharing.<strategy>.resources`."""
+
+    name: ResourceName
+    rename: ResourceName | None = None
+    devices: Devices = "all"
+    replicas: StrictInt = Field(ge=2)
+
+
+class MpsReplicatedResource(ReplicatedResource):
+    """An MPS entry, with optional per-replica limits overriding the defaults."""
+
+    active_thread_percentage: StrictInt | None = Field(None, ge=1, le=100)
+    pinned_memory_limit_mib: MemoryMiB | None = Field(None, alias="pinnedMemoryLimit")
+
+
+class TimeSlicing(StrictModel):
+    """`sharing.timeSlicing`."""
+
+    strategy: Literal[""] = ""
+    rename_by_default: StrictBool = False
+    fail_requests_greater_than_one: StrictBool = False
+    resources: tuple[ReplicatedResource, ...]
+
+    @field_validator("resources")
+    @classmethod
+    def _some_resources(cls, value: tuple[object, ...]) -> tuple[object, ...]:
+        return _nonempty(value)
+
+
+class Mps(StrictModel):
+    """`sharing.mps`; failRequestsGreaterThanOne defaults to true, as upstream."""
+
+    rename_by_default: StrictBool = False
+    fail_requests_greater_than_one: StrictBool = True
+    resources: tuple[MpsReplicatedResource, ...]
+
+    @field_validator("resources")
+    @classmethod
+    def _some_resources(cls, value: tuple[object, ...]) -> tuple[object, ...]:
+        return _nonempty(value)
+
+
+class Sharing(StrictModel):
+    """`sharing`: at most one section per strategy."""
+
+    time_slicing: TimeSlicing | None = None
+    mps: Mps | None = None
+
+
+class Imex(StrictModel):
+    """`imex`: accepted for compatibility with the NVIDIA format; not used by gpushare."""
+
+    channel_ids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = Field((), alias="channelIDs")
+    required: StrictBool = False
+
+
+class Health(StrictModel):
+    """`health` (gpushare extension): XID policy and recovery timing."""
+
+    disabled: StrictBool = False
+    ignored_xids: tuple[Xid, ...] = (13, 31, 43, 45, 68, 109)
+    reset_required_xids: tuple[Xid, ...] = (48, 79, 95)
+    recovery_quiet_period_s: DurationS = Field(300.0, alias="recoveryQuietPeriod")
+    probe_interval_s: DurationS = Field(10.0, alias="probeInterval")
+
+
+class Config(StrictModel):
+    """A whole config file (`version: v1`)."""
+
+    version: Literal["v1"]
+    flags: Flags = Flags()
+    resources: Resources = Resources()
+    sharing: Sharing = Sharing()
+    imex: Imex = Imex()
+    health: Health = Health()
