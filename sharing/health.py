@@ -90,6 +90,16 @@ class XidEventLike(Protocol):
     ci_id: int | None
 
 
+class HealthSection(Protocol):
+    """The fields of the config's `health:` section (sharing.config_models.Health)."""
+
+    disabled: bool
+    ignored_xids: Iterable[int]
+    reset_required_xids: Iterable[int]
+    recovery_quiet_period_s: float
+    probe_interval_s: float
+
+
 @dataclass(frozen=True)
 class HealthSettings:
     """The `health:` config section (gpushare extension), durations in seconds."""
@@ -99,6 +109,17 @@ class HealthSettings:
     reset_required_xids: frozenset[int] = DEFAULT_RESET_REQUIRED_XIDS
     recovery_quiet_period_s: float = DEFAULT_QUIET_PERIOD_S
     probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S
+
+    @classmethod
+    def of(cls, section: HealthSection) -> HealthSettings:
+        """Settings from the parsed `health:` section of a config."""
+        return cls(
+            disabled=section.disabled,
+            ignored_xids=frozenset(section.ignored_xids),
+            reset_required_xids=frozenset(section.reset_required_xids),
+            recovery_quiet_period_s=section.recovery_quiet_period_s,
+            probe_interval_s=section.probe_interval_s,
+        )
 
 
 def _parse_xid_list(variable: str, text: str) -> tuple[bool, frozenset[int]]:

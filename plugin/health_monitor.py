@@ -1,0 +1,264 @@
+"""The health monitor thread: NVML events and scheduled probes in, health overlay out.
+
+One plain loop on one thread. Each turn it waits on the NVML event watcher with a short timeout
+(so `stop()` is prompt), drains every event already queued, applies the whole batch to the
+HealthTracker (sharing.health), probes GPUs when their probe is due, and publishes the overlay
+once if it changed. A storm of events therefore costs one overlay publish per batch, not one per
+event. Every transition is logged once, with the XID, the reason and the affected device count.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sharing.devices import Inventory
+from sharing.errors import GpuLost, NvmlError
+from sharing.health import HealthSettings, HealthTracker, HealthTransition, XidEventLike, XidPolicy
+from sharing.plan import Plan
+
+log = logging.getLogger("gpushare.health")
+
+DEFAULT_WAIT_TIMEOUT_MS = 50
+MAX_BATCH = 1000  # events applied per turn before the overlay is published
+WATCHER_RETRY_S = 1.0
+
+
+class EventWatcher(Protocol):
+    """An NVML event set registered on some GPUs (sharing.nvml's EventWatcher)."""
+
+    def wait(self, timeout_ms: int) -> XidEventLike | None:
+        """The next event, or None when none arrived within the timeout."""
+
+    def close(self) -> None:
+        """Free the event set."""
+
+
+class HealthNvml(Protocol):
+    """What the monitor needs from the NVML adapter (sharing.nvml.Nvml)."""
+
+    def event_watcher(self, gpu_indices: Sequence[int]) -> EventWatcher:
+        """Register critical XID and ECC events on these GPUs."""
+
+    def probe(self, gpu_index: int) -> None:
+        """Ask the GPU something cheap; raises GpuLost (or NvmlError) when it does not answer."""
+
+
+Publish = Callable[[Mapping[str, str]], None]
+
+
+@dataclass(frozen=True)
+class MonitorStats:
+    """Counters of one monitor's work since it started."""
+
+    events: int
+    batches: int
+    publishes: int
+    probes: int
+    transitions: int
+
+
+class HealthMonitor:
+    """Owns a HealthTracker on its own thread; others talk to it through thread-safe calls."""
+
+    def __init__(
+        self,
+        *,
+        nvml: HealthNvml,
+        policy: XidPolicy,
+        settings: HealthSettings,
+        plan: Plan,
+        inventory: Inventory,
+        publish: Publish,
+        clock: Callable[[], float] = time.monotonic,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+    ) -> None:
+        self._nvml = nvml
+        self._publish = publish
+        self._clock = clock
+        self._wait_ms = wait_timeout_ms
+        self._probe_interval_s = settings.probe_interval_s
+        self._tracker = HealthTracker(policy, settings.recovery_quiet_period_s, plan, inventory)
+        self._commands: queue.SimpleQueue[Callable[[], list[HealthTransition]]] = (
+            queue.SimpleQueue()
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watcher: EventWatcher | None = None
+        self._watched: tuple[int, ...] | None = None
+        self._watcher_retry_at = 0.0
+        self._next_probe_at = 0.0
+        self._candidate_probed_at: dict[str, float] = {}
+        self._published_version = -1
+        self._counts = {"events": 0, "batches": 0, "publishes": 0, "probes": 0, "transitions": 0}
+
+    # -- control (any thread) ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the monitor thread; the first turn probes every GPU and publishes."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="gpushare-health", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and free the event set; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def update(self, plan: Plan, inventory: Inventory) -> None:
+        """Follow a new Plan and Inventory (after a reload or a MIG change)."""
+        self._commands.put(lambda: self._adopt(plan, inventory))
+
+    def mps_down(self, resource: str, reason: str) -> None:
+        """Report the MPS daemon of `resource` down: all its devices become Unhealthy."""
+        self._commands.put(lambda: self._tracker.on_mps_down(resource, reason, self._clock()))
+
+    def mps_up(self, resource: str) -> None:
+        """Report the MPS daemon of `resource` answering again."""
+        self._commands.put(lambda: self._tracker.on_mps_up(resource))
+
+    def stats(self) -> MonitorStats:
+        """A copy of the work counters."""
+        return MonitorStats(**self._counts)
+
+    # -- the loop (monitor thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._emit(self._adopt(self._tracker.plan, self._tracker.inventory))
+        try:
+            while not self._stop.is_set():
+                self._turn()
+        finally:
+            self._close_watcher()
+
+    def _turn(self) -> None:
+        out: list[HealthTransition] = []
+        while not self._commands.empty():
+            out += self._commands.get_nowait()()
+        batch = self._wait_batch()
+        now = self._clock()
+        if batch:
+            self._counts["events"] += len(batch)
+            self._counts["batches"] += 1
+            out += self._tracker.on_events(batch, now)
+        if now >= self._next_probe_at:
+            out += self._probe_all(now)
+        out += self._recover(now)
+        self._emit(out)
+
+    def _adopt(self, plan: Plan, inventory: Inventory) -> list[HealthTransition]:
+        """Take a new plan; GPUs the inventory reports lost count as failed probes."""
+        out = self._tracker.set_plan(plan, inventory)
+        now = self._clock()
+        for gpu in inventory.gpus:
+            if gpu.lost:
+                out += self._tracker.on_probe(gpu.uuid, False, now, gpu.lost_reason)
+        self._next_probe_at = now  # probe everything on the next turn
+        return out
+
+    def _wait_batch(self) -> list[XidEventLike]:
+        """Wait for one event (short timeout), then drain what is already queued."""
+        watcher = self._current_watcher()
+        if watcher is None:
+            self._stop.wait(self._wait_ms / 1000)
+            return []
+        batch: list[XidEventLike] = []
+        try:
+            event = watcher.wait(self._wait_ms)
+            while event is not None:
+                batch.append(event)
+                if len(batch) >= MAX_BATCH:
+                    break
+                event = watcher.wait(0)
+        except GpuLost as err:
+            log.warning("NVML event wait: a GPU is lost (%s); probing every GPU now", err)
+            self._next_probe_at = 0.0
+        except NvmlError as err:
+            log.error("NVML event wait failed: %s; re-registering events", err)
+            self._close_watcher()
+        return batch
+
+    def _current_watcher(self) -> EventWatcher | None:
+        """The event watcher for the GPUs that answer now, (re)created when that set changes."""
+        tracker = self._tracker
+        wanted = tuple(
+            g.index
+            for g in tracker.inventory.gpus
+            if not g.lost and not tracker.gpu_unanswering(g.uuid)
+        )
+        if self._watcher is not None and wanted == self._watched:
+            return self._watcher
+        now = self._clock()
+        if self._watcher is None and wanted == self._watched and now < self._watcher_retry_at:
+            return None
+        self._close_watcher()
+        self._watched = wanted
+        if not wanted:
+            return None
+        try:
+            self._watcher = self._nvml.event_watcher(wanted)
+        except NvmlError as err:
+            log.error("cannot register NVML events on GPUs %s: %s", list(wanted), err)
+            self._watcher_retry_at = now + WATCHER_RETRY_S
+        return self._watcher
+
+    def _close_watcher(self) -> None:
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            try:
+                watcher.close()
+            except NvmlError as err:
+                log.debug("closing the NVML event set: %s", err)
+
+    def _probe(self, uuid: str, index: int, now: float) -> list[HealthTransition]:
+        self._counts["probes"] += 1
+        try:
+            self._nvml.probe(index)
+        except NvmlError as err:
+            return self._tracker.on_probe(uuid, False, now, str(err))
+        return self._tracker.on_probe(uuid, True, now)
+
+    def _probe_all(self, now: float) -> list[HealthTransition]:
+        """The scheduled probe of every GPU: catches a GPU that fell off without an event."""
+        self._next_probe_at = now + self._probe_interval_s
+        out: list[HealthTransition] = []
+        for gpu in self._tracker.inventory.gpus:
+            out += self._probe(gpu.uuid, gpu.index, now)
+        return out
+
+    def _recover(self, now: float) -> list[HealthTransition]:
+        """Probe GPUs whose quiet period ended (once per probe interval each), then tick."""
+        out: list[HealthTransition] = []
+        for uuid in self._tracker.recovery_candidates(now):
+            gpu = self._tracker.inventory.gpu_by_uuid(uuid)
+            last = self._candidate_probed_at.get(uuid)
+            if gpu is None or (last is not None and now - last < self._probe_interval_s):
+                continue
+            self._candidate_probed_at[uuid] = now
+            out += self._probe(uuid, gpu.index, now)
+        out += self._tracker.tick(now)
+        return out
+
+    def _emit(self, transitions: list[HealthTransition]) -> None:
+        """Log each transition once and publish the overlay if it changed."""
+        for tr in transitions:
+            level = logging.INFO if tr.healthy else logging.WARNING
+            log.log(level, "%s", tr.message, extra={"xid": tr.xid, "affected": tr.affected})
+            if tr.healthy:
+                self._candidate_probed_at.pop(tr.gpu_uuid, None)
+        self._counts["transitions"] += len(transitions)
+        if self._tracker.version == self._published_version:
+            return
+        self._published_version = self._tracker.version
+        self._counts["publishes"] += 1
+        try:
+            self._publish(self._tracker.overlay())
+        except Exception:  # a failing consumer must not stop health monitoring
+            log.exception("publishing the health overlay failed")
