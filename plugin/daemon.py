@@ -1,0 +1,354 @@
+"""The node daemon: Plan -> one gRPC server per resource -> kubelet registration, kept current.
+
+Composition only: config, NVML session, inventory, Plan, servers, the kubelet link, the config
+file watch and the background components (health monitor, MPS supervisor, ...) are wired here.
+A change (config file edited, SIGHUP) builds a new Plan and applies the diff: new resources are
+served and registered, vanished ones stopped, changed device lists pushed on the open streams.
+A file that fails to load or validate changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from plugin.allocate import ResourceAllocator, build_allocators
+from plugin.kubelet import KubeletLink
+from plugin.server import PluginServer, create_server
+from plugin.state import NodeState
+from sharing.devices import Inventory
+from sharing.errors import NvmlError, SharingError
+from sharing.plan import Plan
+
+log = logging.getLogger("gpushare.daemon")
+
+
+class Component(Protocol):
+    """A background part the daemon starts after its servers and stops before them."""
+
+    def start(self) -> None:
+        """Begin work (on its own thread)."""
+
+    def stop(self) -> None:
+        """End work; safe to call twice."""
+
+
+PlanListener = Callable[[Plan, Inventory], None]
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime_ns) of a file, or None when it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class FileWatcher:
+    """Calls `on_change` from its own thread when a file's inode, size or mtime changes."""
+
+    def __init__(self, path: Path, on_change: Callable[[], object], *, poll_s: float) -> None:
+        self.path = path
+        self._on_change = on_change
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen = file_identity(path)
+
+    def start(self) -> None:
+        """Start polling."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="config-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            current = file_identity(self.path)
+            if current != self._seen:
+                self._seen = current
+                log.info("%s changed: reloading", self.path)
+                try:
+                    self._on_change()
+                except Exception:  # noqa: BLE001 - the watch must outlive any one failure
+                    log.exception("reload after a change of %s failed", self.path)
+
+
+class Daemon:
+    """gpushare's node daemon for one kubelet directory."""
+
+    def __init__(
+        self,
+        *,
+        config_path: Path | None,
+        kubelet_dir: Path,
+        nvml_lib: Any,
+        env: Mapping[str, str],
+        overrides: Mapping[str, object],
+        config_poll_s: float = 0.2,
+        kubelet_poll_s: float = 0.05,
+    ) -> None:
+        self.config_path = config_path
+        self.kubelet_dir = Path(kubelet_dir)
+        self.state = NodeState()
+        self.inventory: Inventory | None = None
+        self.config: Any = None
+        self.nvml: Any = None
+        self.reload_failures = 0
+        self._nvml_lib = nvml_lib
+        self._env = dict(env)
+        self._overrides = dict(overrides)
+        self._servers: dict[str, PluginServer] = {}
+        self._allocators: dict[str, ResourceAllocator] = {}
+        self._lock = threading.RLock()
+        self._components: list[Component] = []
+        self._listeners: list[PlanListener] = []
+        self._exit = contextlib.ExitStack()
+        self._started = False
+        self._wake = threading.Event()
+        self._stop_requested = False
+        self._reload_requested = False
+        self.link = KubeletLink(
+            self.kubelet_dir,
+            sockets=self.socket_names,
+            restart_servers=self.restart_servers,
+            poll_s=kubelet_poll_s,
+        )
+        self._config_watch = (
+            FileWatcher(config_path, self.reload, poll_s=config_poll_s) if config_path else None
+        )
+
+    # --- seams for other parts ----------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan:
+        """The Plan now served."""
+        return self.state.plan
+
+    def add_component(self, component: Component) -> None:
+        """Run a background component with the daemon (started after the servers)."""
+        self._components.append(component)
+        if self._started:
+            component.start()
+
+    def add_plan_listener(self, listener: PlanListener) -> None:
+        """Call `listener(plan, inventory)` after every applied Plan (and now, if running)."""
+        self._listeners.append(listener)
+        if self._started and self.inventory is not None:
+            listener(self.plan, self.inventory)
+
+    def set_health_overlay(self, overlay: Mapping[str, str]) -> None:
+        """Publish a new health overlay (physical ID, GPU UUID or `mps:<resource>` -> reason)."""
+        self.state.set_overlay(overlay)
+
+    def socket_names(self) -> dict[str, str]:
+        """Socket file name of each served resource."""
+        with self._lock:
+            return {name: s.socket_path.name for name, s in self._servers.items()}
+
+    def allocator(self, resource_name: str) -> ResourceAllocator | None:
+        """The allocator of a served resource, or None."""
+        return self._allocators.get(resource_name)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the config, read the node, serve every resource and register with the kubelet.
+
+        Raises:
+            ConfigError: the config file or a flag is invalid.
+            NvmlError: NVML cannot be used and failOnInitError is on.
+            OSError: a socket cannot be bound.
+        """
+        config = self._load_config()
+        self.config = config
+        try:
+            self.nvml = self._exit.enter_context(_nvml_session(self._nvml_lib))
+        except NvmlError as err:
+            if _fail_on_init_error(config):
+                raise
+            log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
+        try:
+            self._apply(*self._build(config))
+            self.link.start()
+            if self._config_watch is not None:
+                self._config_watch.start()
+            for component in self._components:
+                component.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+
+    def stop(self) -> None:
+        """Stop components, watches and servers, removing our sockets; safe to call twice."""
+        self._started = False
+        for component in reversed(self._components):
+            component.stop()
+        if self._config_watch is not None:
+            self._config_watch.stop()
+        self.link.stop()
+        with self._lock:
+            servers, self._servers = list(self._servers.values()), {}
+        for server in servers:
+            server.stop()
+        self.state.close()
+        self._exit.close()
+
+    def request_stop(self) -> None:
+        """Ask run_forever to stop (safe from signal handlers and other threads)."""
+        self._stop_requested = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Ask run_forever to reload (safe from signal handlers and other threads)."""
+        self._reload_requested = True
+        self._wake.set()
+
+    def run_forever(self) -> int:
+        """Serve until SIGTERM or SIGINT (clean stop), reloading on SIGHUP; returns 0."""
+        previous = _install_signals(self)
+        try:
+            while not self._stop_requested:
+                self._wake.wait()
+                self._wake.clear()
+                if self._reload_requested and not self._stop_requested:
+                    self._reload_requested = False
+                    self.reload()
+        finally:
+            _restore_signals(previous)
+            self.stop()
+        log.info("stopped; sockets removed")
+        return 0
+
+    def reload(self) -> bool:
+        """Read config and node again and apply the diff; a bad file changes nothing."""
+        source = self.config_path or "the default config"
+        try:
+            config = self._load_config()
+            plan, inventory = self._build(config)
+        except (SharingError, OSError) as err:
+            self.reload_failures += 1
+            log.error("reload of %s failed: %s", source, err)
+            return False
+        self.config = config
+        self._apply(plan, inventory)
+        return True
+
+    def restart_servers(self) -> None:
+        """Stop and start every server again (after the kubelet deleted our sockets)."""
+        with self._lock:
+            servers = list(self._servers.values())
+            for server in servers:
+                server.stop(grace_s=0.05)
+            for server in servers:
+                server.start()
+        log.info("restarted %d servers", len(servers))
+
+    # --- composition --------------------------------------------------------------------------
+
+    def _load_config(self) -> Any:
+        """The config from the file (or defaults), with environment and flags applied."""
+        from plugin.config_file import load_config_file
+        from sharing.config import apply_overrides, default_config
+
+        if self.config_path is not None:
+            return load_config_file(self.config_path, env=self._env, overrides=self._overrides)
+        return apply_overrides(default_config(), self._env, self._overrides)
+
+    def _build(self, config: Any) -> tuple[Plan, Inventory]:
+        """Read the node and build the Plan (empty when NVML is unavailable)."""
+        from sharing.nvml import read_inventory
+        from sharing.plan import build_plan
+
+        if self.nvml is None:
+            return Plan(resources=()), Inventory(gpus=())
+        inventory = read_inventory(self.nvml)
+        return build_plan(inventory, config), inventory
+
+    def _apply(self, plan: Plan, inventory: Inventory) -> None:
+        """Serve `plan`: stop vanished resources, push changed lists, serve and register new."""
+        with self._lock:
+            diff = self.state.plan.diff(plan)
+            self.link.forget(diff.removed)
+            for name in diff.removed:
+                self._servers.pop(name).stop()
+                log.info("stopped serving %s", name)
+            self._allocators = build_allocators(plan.resources, plan.options)
+            self.state.set_plan(plan)
+            self.inventory = inventory
+            for name in diff.changed:
+                count = len(plan.resource(name).devices)  # type: ignore[union-attr]
+                log.info("%s now has %d devices: new list sent to the kubelet", name, count)
+            if diff.options_changed:
+                log.info("serve options changed: %s", plan.options)
+            for name in diff.added:
+                self._serve(plan, name)
+            self.link.request(diff.added)
+            if not plan.resources:
+                log.warning("the plan has no resources: nothing is advertised to the kubelet")
+        for listener in self._listeners:
+            listener(plan, inventory)
+
+    def _serve(self, plan: Plan, name: str) -> None:
+        """Start the server of one resource."""
+        resource = plan.resource(name)
+        assert resource is not None
+        server = create_server(
+            name,
+            self.kubelet_dir / resource.socket_name,
+            state=self.state,
+            allocator=self.allocator,
+        )
+        server.start()
+        self._servers[name] = server
+        log.info("serving %s (%d devices) on %s", name, len(resource.devices), resource.socket_name)
+
+
+def _nvml_session(lib: Any) -> contextlib.AbstractContextManager[Any]:
+    from sharing.nvml import nvml_session
+
+    return nvml_session(lib)
+
+
+def _fail_on_init_error(config: Any) -> bool:
+    flags = getattr(config, "flags", None)
+    return bool(getattr(flags, "fail_on_init_error", True))
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _install_signals(daemon: Daemon) -> dict[int, Any]:
+    """SIGTERM/SIGINT stop the daemon, SIGHUP reloads; returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            daemon.request_reload()
+        else:
+            daemon.request_stop()
+
+    return {s: signal.signal(s, on_signal) for s in _SIGNALS}
+
+
+def _restore_signals(previous: Mapping[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+__all__ = ["Component", "Daemon", "FileWatcher", "PlanListener", "file_identity"]

@@ -1,0 +1,197 @@
+"""Registration with the kubelet and the watch that re-registers when the kubelet restarts.
+
+The kubelet deletes every socket in its directory when it starts and creates a new
+`kubelet.sock`. KubeletLink polls the directory (a cheap os.stat every ~50 ms): a re-created
+`kubelet.sock` or a missing socket of ours restarts our servers and registers every resource
+again; while `kubelet.sock` is absent it waits, saying so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import grpc
+
+from plugin import convert
+from plugin.api import KUBELET_SOCKET, pb_grpc
+
+log = logging.getLogger(__name__)
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+
+
+class RegistrationError(Exception):
+    """The kubelet refused or did not answer a registration."""
+
+
+def resource_name_problem(name: str) -> str | None:
+    """Why `name` is not a valid extended resource name (`domain/name`), or None when it is."""
+    domain, slash, rest = name.partition("/")
+    if not slash:
+        return f"resource name {name!r} has no vendor domain (expected domain/name)"
+    if "kubernetes.io" in domain:
+        return f"resource name {name!r} is in the kubernetes.io namespace"
+    if len(domain) > 253 or not _DNS_SUBDOMAIN.fullmatch(domain):
+        return f"resource name {name!r}: domain {domain!r} is not a DNS subdomain"
+    if len(rest) > 63 or not _NAME.fullmatch(rest):
+        return f"resource name {name!r}: {rest!r} must be <= 63 alphanumerics, '-', '_' or '.'"
+    return None
+
+
+def register(
+    kubelet_dir: Path,
+    *,
+    socket_name: str,
+    resource_name: str,
+    preferred_allocation: bool = True,
+    timeout_s: float = 2.0,
+) -> None:
+    """Register one resource with the kubelet listening on `<kubelet_dir>/kubelet.sock`.
+
+    Raises:
+        RegistrationError: the name is invalid, or the kubelet refused or did not answer.
+    """
+    problem = resource_name_problem(resource_name)
+    if problem:
+        raise RegistrationError(problem)
+    request = convert.to_pb_register_request(
+        socket_name=socket_name,
+        resource_name=resource_name,
+        preferred_allocation=preferred_allocation,
+    )
+    address = f"unix://{(kubelet_dir / KUBELET_SOCKET).resolve()}"
+    with grpc.insecure_channel(address) as channel:
+        try:
+            pb_grpc.RegistrationStub(channel).Register(
+                request, timeout=timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as err:
+            raise RegistrationError(
+                f"registering {resource_name} ({socket_name}) with the kubelet failed: "
+                f"{err.code().name}: {err.details()}"
+            ) from err
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, ctime) of a file, or None when it does not exist."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
+class KubeletLink:
+    """Keeps every served resource registered with the kubelet, across kubelet restarts."""
+
+    def __init__(
+        self,
+        kubelet_dir: Path,
+        *,
+        sockets: Callable[[], Mapping[str, str]],
+        restart_servers: Callable[[], None],
+        poll_s: float = 0.05,
+        retry_s: float = 0.5,
+        register_timeout_s: float = 2.0,
+    ) -> None:
+        self.kubelet_dir = kubelet_dir
+        self._sockets = sockets
+        self._restart_servers = restart_servers
+        self._poll_s = poll_s
+        self._retry_s = retry_s
+        self._register_timeout_s = register_timeout_s
+        self._pending: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._kubelet: tuple[int, int] | None = None
+        self._kubelet_lost = False
+        self.registrations = 0
+
+    def request(self, names: Iterable[str]) -> None:
+        """Register these resources as soon as the kubelet is there."""
+        with self._lock:
+            self._pending.update(names)
+            for name in names:
+                self._retry_at.pop(name, None)
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Stop trying to register these resources (they are no longer served)."""
+        with self._lock:
+            self._pending.difference_update(names)
+
+    def start(self) -> None:
+        """Start the watch thread; every resource then served is registered."""
+        self.request(self._sockets())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kubelet-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the watch thread; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the watch must outlive any one failure
+                log.exception("kubelet watch: unexpected error; retrying")
+            self._stop.wait(self._poll_s)
+
+    def poll_once(self) -> None:
+        """One look at the kubelet directory: restart and re-register when needed."""
+        current = _identity(self.kubelet_dir / KUBELET_SOCKET)
+        if current is None:
+            if not self._kubelet_lost:
+                log.info("%s absent in %s: waiting for the kubelet", KUBELET_SOCKET,
+                         self.kubelet_dir)
+                self._kubelet_lost = True
+            return
+        sockets = dict(self._sockets())
+        missing = [s for s in sockets.values() if not (self.kubelet_dir / s).exists()]
+        recreated = self._kubelet is not None and (self._kubelet_lost or current != self._kubelet)
+        if self._kubelet_lost:
+            log.info("%s is there: registering with the kubelet", KUBELET_SOCKET)
+        if missing or recreated:
+            reason = f"socket {missing[0]} removed" if missing else f"{KUBELET_SOCKET} re-created"
+            log.info("kubelet restart seen (%s): restarting servers and registering again",
+                     reason)
+            self._restart_servers()
+            self.request(sockets)
+        self._kubelet = current
+        self._kubelet_lost = False
+        self._register_pending(sockets)
+
+    def _register_pending(self, sockets: Mapping[str, str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = sorted(n for n in self._pending if self._retry_at.get(n, 0.0) <= now)
+        for name in due:
+            if name not in sockets:
+                self.forget([name])
+                continue
+            try:
+                register(self.kubelet_dir, socket_name=sockets[name], resource_name=name,
+                         timeout_s=self._register_timeout_s)
+            except RegistrationError as err:
+                log.warning("%s; retrying in %.1fs", err, self._retry_s)
+                with self._lock:
+                    self._retry_at[name] = time.monotonic() + self._retry_s
+                continue
+            with self._lock:
+                self._pending.discard(name)
+                self._retry_at.pop(name, None)
+            self.registrations += 1
+            log.info("registered %s (%s) with the kubelet", name, sockets[name])

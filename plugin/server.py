@@ -1,0 +1,202 @@
+"""One DevicePlugin gRPC server per resource, on a unix socket in the kubelet directory.
+
+The servicer is thin: ListAndWatch streams NodeState snapshots, GetPreferredAllocation delegates
+to sharing.allocation, Allocate to the resource's ResourceAllocator. Bad requests are
+INVALID_ARGUMENT; nothing here calls NVML or touches the disk per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from plugin import convert
+from plugin.allocate import ResourceAllocator
+from plugin.api import pb, pb_grpc
+from plugin.state import NodeState
+from sharing.allocation import preferred_allocation
+from sharing.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
+SOCKET_MODE = 0o600
+
+
+class DevicePluginServicer(pb_grpc.DevicePluginServicer):
+    """The DevicePlugin service of one resource."""
+
+    def __init__(
+        self,
+        resource_name: str,
+        *,
+        state: NodeState,
+        allocator: Callable[[str], ResourceAllocator | None],
+    ) -> None:
+        self.resource_name = resource_name
+        self._state = state
+        self._allocator = allocator
+        self._closed = threading.Event()
+
+    def open(self) -> None:
+        """Accept streams again (a server restarted after close())."""
+        self._closed.clear()
+
+    def close(self) -> None:
+        """End open ListAndWatch streams promptly."""
+        self._closed.set()
+        self._state.wake()
+
+    def GetDevicePluginOptions(  # noqa: N802 (gRPC method name)
+        self, request: pb.Empty, context: grpc.ServicerContext
+    ) -> pb.DevicePluginOptions:
+        """Preferred allocation offered; no PreStartContainer needed."""
+        return convert.to_pb_options(preferred_allocation=True)
+
+    def ListAndWatch(  # noqa: N802
+        self, request: pb.Empty, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListAndWatchResponse]:
+        """The full device list first, then again on every change of this resource's list."""
+        last = 0
+        while not self._closed.is_set() and context.is_active():
+            version, devices = self._state.wait(self.resource_name, last, STREAM_POLL_S)
+            if devices is None:
+                return
+            if version != last:
+                last = version
+                yield convert.to_pb_device_list(devices)
+
+    def GetPreferredAllocation(  # noqa: N802
+        self, request: pb.PreferredAllocationRequest, context: grpc.ServicerContext
+    ) -> pb.PreferredAllocationResponse:
+        """The preferred device IDs per container, from the Plan in memory."""
+        plan = self._state.plan
+        try:
+            choices = [
+                preferred_allocation(
+                    plan,
+                    self.resource_name,
+                    list(req.available_deviceIDs),
+                    list(req.must_include_deviceIDs),
+                    req.allocation_size,
+                )
+                for req in request.container_requests
+            ]
+        except InvalidRequest as err:
+            log.warning("GetPreferredAllocation for %s refused: %s", self.resource_name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return convert.to_pb_preferred_response(choices)
+
+    def Allocate(  # noqa: N802
+        self, request: pb.AllocateRequest, context: grpc.ServicerContext
+    ) -> pb.AllocateResponse:
+        """One ContainerAllocateResponse per container request, in order."""
+        allocator = self._allocator(self.resource_name)
+        if allocator is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f'resource "{self.resource_name}" is gone')
+        try:
+            allocations = [
+                allocator.allocate(list(req.devices_ids)) for req in request.container_requests
+            ]
+        except InvalidRequest as err:
+            log.warning("Allocate for %s refused: %s", self.resource_name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return convert.to_pb_allocate_response(allocations)
+
+    def PreStartContainer(  # noqa: N802
+        self, request: pb.PreStartContainerRequest, context: grpc.ServicerContext
+    ) -> pb.PreStartContainerResponse:
+        """Nothing to do before a container starts."""
+        return convert.pre_start_response()
+
+
+def wait_until_serving(socket_path: Path, timeout_s: float) -> None:
+    """Dial the socket until a server answers.
+
+    Raises:
+        TimeoutError: nothing answered within `timeout_s`.
+    """
+    with grpc.insecure_channel(f"unix://{socket_path.resolve()}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError as err:
+            raise TimeoutError(f"no server answered on {socket_path} in {timeout_s}s") from err
+
+
+class PluginServer:
+    """A DevicePlugin gRPC server for one resource on `<kubelet-dir>/<socket name>`."""
+
+    def __init__(
+        self, servicer: DevicePluginServicer, socket_path: Path, *, max_workers: int = 8
+    ) -> None:
+        self.servicer = servicer
+        self.socket_path = socket_path.resolve()
+        self._max_workers = max_workers
+        self._server: grpc.Server | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def resource_name(self) -> str:
+        """The resource this server serves."""
+        return self.servicer.resource_name
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop()."""
+        return self._server is not None
+
+    def start(self, ready_timeout_s: float = 5.0) -> None:
+        """Bind (removing a stale socket), start, restrict the socket to its owner, dial it.
+
+        Raises:
+            OSError: the socket cannot be bound.
+            TimeoutError: the server did not answer in time.
+        """
+        with self._lock:
+            if self._server is not None:
+                return
+            self.socket_path.unlink(missing_ok=True)
+            self.servicer.open()
+            server = grpc.server(
+                futures.ThreadPoolExecutor(
+                    max_workers=self._max_workers,
+                    thread_name_prefix=f"plugin-{self.socket_path.stem}",
+                )
+            )
+            pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+            if server.add_insecure_port(f"unix://{self.socket_path}") == 0:
+                raise OSError(f"cannot bind {self.socket_path}")
+            server.start()
+            self._server = server
+        os.chmod(self.socket_path, SOCKET_MODE)
+        wait_until_serving(self.socket_path, ready_timeout_s)
+
+    def stop(self, grace_s: float = 0.2) -> None:
+        """Stop serving and remove the socket; safe to call twice."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        self.servicer.close()
+        # gRPC unlinks the socket path when the listener shuts down; wait for that to finish
+        # so a server started next on the same path keeps its socket.
+        server.stop(grace_s).wait(grace_s + 2.0)
+        self.socket_path.unlink(missing_ok=True)
+
+
+def create_server(
+    resource_name: str,
+    socket_path: Path,
+    *,
+    state: NodeState,
+    allocator: Callable[[str], ResourceAllocator | None],
+) -> PluginServer:
+    """A PluginServer for one resource (not started)."""
+    servicer = DevicePluginServicer(resource_name, state=state, allocator=allocator)
+    return PluginServer(servicer, socket_path)
