@@ -7,9 +7,10 @@ lives at the bottom and is pure: no I/O, no clock, no environment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sharing.devices import MigDevice
+from sharing.errors import PlanError
 
 Strategy = Literal["none", "time-slicing", "mps"]
 DeviceListStrategy = Literal["envvar", "volume-mounts", "cdi-annotations", "cdi-cri"]
@@ -162,3 +163,73 @@ class Plan:
             changed=tuple(n for n in theirs if n in mine and mine[n] != theirs[n]),
             options_changed=self.options != other.options,
         )
+
+
+if TYPE_CHECKING:
+    from sharing.config_models import Config
+    from sharing.devices import Inventory
+
+
+def serve_options(config: Config) -> ServeOptions:
+    """ServeOptions from a config's (already overridden) flags."""
+    flags = config.flags
+    plugin = flags.plugin
+    return ServeOptions(
+        device_list_strategy=plugin.device_list_strategy,  # type: ignore[arg-type]
+        device_id_strategy=plugin.device_id_strategy,
+        pass_device_specs=plugin.pass_device_specs,
+        cdi_annotation_prefix=plugin.cdi_annotation_prefix,
+        nvidia_dev_root=flags.dev_root,
+        container_driver_root=plugin.container_driver_root,
+        shared_devices_allocation_policy=plugin.shared_devices_allocation_policy,
+        mig_strategy=flags.mig_strategy,
+        mps_root=flags.mps_root,
+    )
+
+
+def build_plan(inventory: Inventory, config: Config) -> Plan:
+    """The Plan a node serves: resources and virtual devices from the inventory and the config.
+
+    Pure: no I/O. Resources come in name order.
+
+    Raises:
+        PlanError: the config cannot be applied to this node (unknown device reference, MIG
+            single preconditions, MPS on MIG devices or with migStrategy mixed, MPS without
+            mpsRoot, too many MPS clients, overlapping entries, clashing names).
+    """
+    from sharing.labels import node_labels
+    from sharing.strategies.mig import physical_devices
+    from sharing.strategies.registry import strategy_for
+    from sharing.strategies.selection import build_groups
+
+    options = serve_options(config)
+    if config.sharing.mps is not None and options.mig_strategy == "mixed":
+        raise PlanError(
+            'sharing.mps: MPS cannot be used with flags.migStrategy "mixed"; '
+            'use migStrategy "none" or "single"'
+        )
+    physical = physical_devices(inventory, options.mig_strategy, config.resources)
+    groups = build_groups(config, inventory, physical)
+    resources = sorted(
+        (strategy_for(g.strategy).build_resource(g, options) for g in groups),
+        key=lambda r: r.name,
+    )
+    _check_suffixes(resources)
+    return Plan(
+        resources=tuple(resources),
+        options=options,
+        labels=node_labels(resources, inventory, options.mig_strategy),
+        topology=inventory.link_scores,
+    )
+
+
+def _check_suffixes(resources: list[ResourcePlan]) -> None:
+    """Socket names come from the name after the domain, so those must be unique."""
+    seen: dict[str, str] = {}
+    for res in resources:
+        other = seen.setdefault(res.suffix, res.name)
+        if other != res.name:
+            raise PlanError(
+                f'resources "{other}" and "{res.name}" would share the socket {res.socket_name}; '
+                "rename one of them"
+            )

@@ -1,0 +1,1 @@
+"""Sharing strategies (none, time-slicing, MPS) and MIG resource naming; see `registry`."""
