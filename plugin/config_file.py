@@ -1,0 +1,69 @@
+"""Reading the config file: the I/O side of `sharing.config` (which only parses text)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+
+from sharing.config import OVERRIDES, Config, apply_overrides, load_config
+from sharing.errors import ConfigError
+
+CONFIG_FILE_ENV = "CONFIG_FILE"
+
+
+def config_path(explicit: str | None, env: Mapping[str, str]) -> str | None:
+    """The config file to use: the --config flag, else $CONFIG_FILE, else None (defaults)."""
+    return explicit or env.get(CONFIG_FILE_ENV) or None
+
+
+def load_config_file(
+    path: str | Path, *, env: Mapping[str, str], overrides: Mapping[str, object]
+) -> Config:
+    """Read, parse and validate a config file, then apply env and flags (flag > env > file).
+
+    Raises:
+        ConfigError: the file cannot be read or is invalid; the message starts with the path.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason})") from err
+    return apply_overrides(load_config(text, source=str(path)), env, overrides)
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per overridable config field (--mig-strategy, --mps-root, …)."""
+    group = parser.add_argument_group("config overrides (win over the environment and the file)")
+    for override in OVERRIDES:
+        option = f"--{override.flag}"
+        where = ".".join(override.path)
+        if override.kind == "bool":
+            group.add_argument(
+                option,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{where} (env {override.env})",
+            )
+        else:
+            group.add_argument(
+                option,
+                default=None,
+                metavar="VALUE" if override.kind == "str" else "A,B",
+                help=f"{where} (env {override.env})",
+            )
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The override options that were given, by flag name; lists split on commas."""
+    out: dict[str, object] = {}
+    for override in OVERRIDES:
+        value = getattr(args, override.flag.replace("-", "_"), None)
+        if value is None:
+            continue
+        if override.kind == "list" and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        out[override.flag] = value
+    return out
