@@ -117,16 +117,21 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
 
 
 def wait_until_serving(socket_path: Path, timeout_s: float) -> None:
-    """Dial the socket until a server answers.
+    """Dial the socket until the DevicePlugin service answers.
 
     Raises:
         TimeoutError: nothing answered within `timeout_s`.
     """
     with grpc.insecure_channel(f"unix://{socket_path.resolve()}") as channel:
         try:
-            grpc.channel_ready_future(channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError as err:
-            raise TimeoutError(f"no server answered on {socket_path} in {timeout_s}s") from err
+            pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(
+                convert.empty(), timeout=timeout_s, wait_for_ready=True
+            )
+        except grpc.RpcError as err:
+            raise TimeoutError(
+                f"no DevicePlugin server answered on {socket_path} in {timeout_s}s: "
+                f"{err.code().name}"
+            ) from err
 
 
 class PluginServer:

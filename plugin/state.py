@@ -52,7 +52,8 @@ class NodeState:
         self._version = 0
         self._snapshots: dict[str, tuple[int, Snapshot]] = {}
         self._closed = False
-        self._rebuild()
+        with self._cond:
+            self._rebuild()
 
     @property
     def plan(self) -> Plan:

@@ -1,0 +1,201 @@
+"""Servers, kubelet link and kubelet stand-in over real unix sockets, on hand-made plans."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from plugin.allocate import build_allocators
+from plugin.kubelet import KubeletLink
+from plugin.server import PluginServer, create_server
+from plugin.state import NodeState, mps_health_key
+from sharing.plan import Plan, ResourcePlan, ServeOptions, VirtualDevice
+from tests.fakes.kubelet import FakeKubelet
+
+GPUS = [f"GPU-e2e0000{i}-0000-4000-8000-00000000000{i}" for i in range(4)]
+
+
+def time_sliced(replicas: int, name: str = "nvidia.com/gpu") -> ResourcePlan:
+    """`replicas` replicas of 4 GPUs on 2 NUMA nodes."""
+    devices = tuple(
+        VirtualDevice(
+            id=f"{uuid}::{n}", physical_id=uuid, gpu_uuid=uuid, gpu_index=i, replica=n,
+            numa_node=i // 2, index_id=str(i), dev_paths=(f"/dev/nvidia{i}",),
+        )
+        for i, uuid in enumerate(GPUS)
+        for n in range(replicas)
+    )
+    return ResourcePlan(
+        name=name, original_name="nvidia.com/gpu", strategy="time-slicing", devices=devices,
+        replicas=tuple((u, replicas) for u in GPUS),
+    )
+
+
+class Node:
+    """NodeState, one server per resource and the kubelet link, wired as the daemon wires them."""
+
+    def __init__(self, kubelet_dir: Path, plan: Plan) -> None:
+        self.dir = kubelet_dir
+        self.state = NodeState(plan)
+        self.allocators = build_allocators(plan.resources, plan.options)
+        self.servers: dict[str, PluginServer] = {}
+        for res in plan.resources:
+            server = create_server(res.name, kubelet_dir / res.socket_name, state=self.state,
+                                   allocator=self.allocators.get)
+            server.start()
+            self.servers[res.name] = server
+        self.restarts = 0
+        self.link = KubeletLink(
+            kubelet_dir,
+            sockets=lambda: {n: s.socket_path.name for n, s in self.servers.items()},
+            restart_servers=self.restart,
+        )
+        self.link.start()
+
+    def restart(self) -> None:
+        self.restarts += 1
+        for server in self.servers.values():
+            server.stop(0.05)
+            server.start()
+
+    def stop(self) -> None:
+        self.link.stop()
+        for server in self.servers.values():
+            server.stop()
+
+
+@pytest.fixture
+def kubelet_dir() -> Iterator[Path]:
+    """A short directory (unix socket paths are limited to ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="gs-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
+    """A kubelet stand-in serving kubelet.sock."""
+    fake = FakeKubelet(kubelet_dir)
+    yield fake
+    fake.stop()
+
+
+def serve(kubelet_dir: Path, plan: Plan) -> Node:
+    return Node(kubelet_dir, plan)
+
+
+@pytest.fixture
+def node(kubelet_dir: Path, kubelet: FakeKubelet) -> Iterator[Node]:
+    """Two resources served and registered."""
+    plan = Plan(resources=(time_sliced(2), time_sliced(3, "example.com/vgpu")))
+    node = Node(kubelet_dir, plan)
+    kubelet.wait_for(lambda: len(kubelet.resources()) == 2)
+    yield node
+    node.stop()
+
+
+def test_registration_and_first_full_list(node: Node, kubelet: FakeKubelet) -> None:
+    """Each resource registers with its socket name; the first list holds every device."""
+    assert sorted((r.resource_name, r.endpoint, r.preferred_allocation)
+                  for r in kubelet.registrations) == [
+        ("example.com/vgpu", "gpushare-vgpu.sock", True),
+        ("nvidia.com/gpu", "gpushare-gpu.sock", True),
+    ]
+    first = kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    assert [d.id for d in first.devices] == [d.id for d in time_sliced(2).devices]
+    assert all(d.healthy for d in first.devices)
+    assert [d.numa_node for d in first.devices] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len(kubelet.wait_for_list("example.com/vgpu", lambda _: True).devices) == 12
+
+
+def test_socket_is_private(node: Node) -> None:
+    """Our sockets are readable and writable by their owner only."""
+    assert (node.dir / "gpushare-gpu.sock").stat().st_mode & 0o777 == 0o600
+
+
+def test_overlay_pushes_unhealthy_replicas(node: Node, kubelet: FakeKubelet) -> None:
+    """A GPU in the overlay turns all its replicas Unhealthy; clearing it heals them."""
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    node.state.set_overlay({GPUS[1]: "XID 79"})
+    sick = kubelet.wait_for_list("nvidia.com/gpu", lambda d: d.unhealthy_ids != [])
+    assert sick.unhealthy_ids == [f"{GPUS[1]}::0", f"{GPUS[1]}::1"]
+    node.state.set_overlay({mps_health_key("example.com/vgpu"): "daemon down"})
+    kubelet.wait_for_list("nvidia.com/gpu", lambda d: d.unhealthy_ids == [])
+    vgpu = kubelet.wait_for_list("example.com/vgpu", lambda d: d.healthy_ids == [])
+    assert len(vgpu.unhealthy_ids) == 12
+
+
+def test_allocate_through_the_kubelet_path(node: Node, kubelet: FakeKubelet) -> None:
+    """GetPreferredAllocation (distributed) then Allocate, one response per container."""
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    got = kubelet.allocate("nvidia.com/gpu", 2, container_count=2)
+    assert [len(ids) for ids in got.chosen] == [2, 2]
+    assert len(got.response.container_responses) == 2
+    for ids, response in zip(got.chosen, got.response.container_responses, strict=True):
+        assert response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(i.split("::")[0] for i in ids)
+
+
+def test_unknown_id_is_invalid_argument_and_serving_goes_on(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """An unknown ID is refused with INVALID_ARGUMENT naming it; the next request succeeds."""
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.allocate_ids("nvidia.com/gpu", [["GPU-bogus::0"]])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert '"nvidia.com/gpu"' in info.value.details()
+    assert "GPU-bogus::0" in info.value.details()
+    ok = kubelet.allocate_ids("nvidia.com/gpu", [[f"{GPUS[0]}::1"]])
+    assert ok.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == GPUS[0]
+
+
+def test_kubelet_restart_leads_to_registration_within_1s(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """After the kubelet deletes every socket and re-creates kubelet.sock, we register again."""
+    before = len(kubelet.registrations)
+    started = time.monotonic()
+    kubelet.restart()
+    kubelet.wait_for(lambda: len(kubelet.registrations) >= before + 2, timeout_s=2.0)
+    elapsed = max(r.at for r in kubelet.registrations) - started
+    assert elapsed < 1.0, f"re-registration took {elapsed:.3f}s"
+    assert (node.dir / "gpushare-gpu.sock").exists()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
+
+
+def test_device_list_change_is_pushed_on_the_open_stream(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """A new plan for a served resource reaches the open stream; no new registration."""
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    registrations = len(kubelet.registrations)
+    plan = replace(node.state.plan, resources=(time_sliced(4), time_sliced(3, "example.com/vgpu")))
+    node.state.set_plan(plan)
+    kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 16)
+    assert len(kubelet.registrations) == registrations
+
+
+def test_registration_waits_for_the_kubelet(kubelet_dir: Path) -> None:
+    """With kubelet.sock absent the link waits; once it appears, every resource registers."""
+    node = serve(kubelet_dir, Plan(resources=(time_sliced(2),),
+                                   options=ServeOptions(device_id_strategy="index")))
+    try:
+        fake = FakeKubelet(kubelet_dir)
+        try:
+            fake.wait_for(lambda: fake.resources() == ["nvidia.com/gpu"], timeout_s=3)
+            fake.wait_for_list("nvidia.com/gpu", lambda _: True)
+            got = fake.allocate_ids("nvidia.com/gpu", [[f"{GPUS[2]}::0", f"{GPUS[3]}::1"]])
+            assert got.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == "2,3"
+        finally:
+            fake.stop()
+    finally:
+        node.stop()
+    assert not (kubelet_dir / "gpushare-gpu.sock").exists()
