@@ -1,0 +1,141 @@
+"""`gpushare run` (the node daemon) and `gpushare demo` (the daemon on a simulated node)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from plugin.api import DEFAULT_KUBELET_DIR
+from plugin.config_file import config_path, overrides_from_args
+from sharing.config import OVERRIDES
+from sharing.errors import SharingError
+
+EXIT_ERROR = 1
+
+OVERRIDE_HELP = {
+    "mig-strategy": "how MIG devices are advertised: none (ignored; every GPU is nvidia.com/gpu),"
+    " single (MIG devices as nvidia.com/gpu) or mixed (nvidia.com/mig-<profile>)",
+    "fail-on-init-error": "exit when NVML cannot be used (default); with --no-fail-on-init-error"
+    " the daemon stays up and serves nothing",
+    "mps-root": "host directory of the MPS control daemons' pipes, logs and shm"
+    " (e.g. /run/nvidia/mps); required for MPS sharing",
+    "nvidia-driver-root": "where the NVIDIA driver is installed on the host (default /)",
+    "nvidia-dev-root": "root under which the /dev/nvidia* device nodes are found"
+    " (default: the driver root)",
+    "pass-device-specs": "also hand the device nodes (/dev/nvidia*, MIG caps) to the container"
+    " runtime as DeviceSpecs",
+    "device-list-strategy": "how containers learn their devices, comma list of envvar,"
+    " volume-mounts, cdi-annotations, cdi-cri (default envvar)",
+    "device-id-strategy": "device IDs handed to the runtime: uuid (default) or index",
+    "cdi-annotation-prefix": "annotation prefix for the cdi-annotations strategy"
+    " (default cdi.k8s.io/)",
+    "container-driver-root": "where the driver root is mounted inside gpushare's container",
+    "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
+    " distributed (spread over GPUs, default) or packed",
+}
+
+RUN_DESCRIPTION = """\
+Serve the node's GPUs to the kubelet: one device plugin server per resource on
+<kubelet-dir>/gpushare-<resource>.sock, registered with the kubelet and registered again
+whenever the kubelet restarts. Editing the config file (or SIGHUP) applies the change without
+a restart; a file that does not validate changes nothing and the error is logged.
+SIGTERM or SIGINT stop cleanly and remove the sockets.
+
+Config precedence: command-line flag > environment variable > file > default.
+"""
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    """One option per config field a flag can set, with the environment variable it mirrors."""
+    group = parser.add_argument_group("config overrides (win over the environment and the file)")
+    for override in OVERRIDES:
+        where = ".".join(override.path)
+        text = f"{OVERRIDE_HELP.get(override.flag, where)} [{where}, env {override.env}]"
+        if override.kind == "bool":
+            group.add_argument(
+                f"--{override.flag}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+        else:
+            metavar = "A,B" if override.kind == "list" else "VALUE"
+            group.add_argument(f"--{override.flag}", default=None, metavar=metavar, help=text)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `run` and `demo` sub-commands."""
+    run = subparsers.add_parser(
+        "run",
+        help="serve the node's GPUs to the kubelet (the daemon)",
+        description=RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file: NVIDIA device plugin `version: v1` format plus gpushare extensions"
+        " (default: $CONFIG_FILE; without either, every default and no sharing)",
+    )
+    run.add_argument(
+        "--node",
+        metavar="NAME|PATH",
+        help="serve a simulated node: a name from configs/nodes/ (e.g. dgx-a100), a node file,"
+        " or a simulator state directory (default: this machine's GPUs through NVML)",
+    )
+    run.add_argument(
+        "--kubelet-dir",
+        metavar="DIR",
+        type=Path,
+        default=Path(DEFAULT_KUBELET_DIR),
+        help=f"the kubelet's device plugin directory (default {DEFAULT_KUBELET_DIR})",
+    )
+    _add_overrides(run)
+    run.set_defaults(func=run_command)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="walk through registration, an allocation and a fault on a simulated node",
+        description="Run the daemon on a simulated node with a kubelet stand-in in a temporary"
+        " directory and print what the kubelet sees: the registered resources, an allocation"
+        " and its response, an injected fault and its propagation. Exits 0.",
+    )
+    demo.add_argument("--node", default="dgx-a100", metavar="NAME|PATH",
+                      help="simulated node (default dgx-a100)")
+    demo.add_argument("--config", metavar="FILE", type=Path,
+                      help="config file (default: time-slicing with 4 replicas per GPU)")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the temporary directory (sockets, simulator state, config)")
+    demo.set_defaults(func=demo_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Start the daemon and serve until SIGTERM/SIGINT."""
+    from plugin.daemon import Daemon
+    from sharing import nvml
+
+    env = dict(os.environ)
+    path = config_path(args.config, env)
+    try:
+        lib = nvml.load_library(args.node)
+        daemon = Daemon(
+            config_path=Path(path) if path else None,
+            kubelet_dir=args.kubelet_dir,
+            nvml_lib=lib,
+            env=env,
+            overrides=overrides_from_args(args),
+        )
+        daemon.start()
+    except (SharingError, OSError) as err:
+        print(f"gpushare run: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    return daemon.run_forever()
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Run the demo walkthrough."""
+    from plugin.demo import run_demo
+
+    return run_demo(node=args.node, config=args.config, keep=args.keep)
