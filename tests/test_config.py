@@ -278,7 +278,8 @@ def test_defaults() -> None:
     assert config.flags.plugin.cdi_annotation_prefix == "cdi.k8s.io/"
     assert config.flags.plugin.shared_devices_allocation_policy == "distributed"
     assert config.flags.dev_root == "/"
-    assert config.sharing.time_slicing is None and config.sharing.mps is None
+    assert config.sharing.time_slicing is None
+    assert config.sharing.mps is None
     assert config.health.ignored_xids == (13, 31, 43, 45, 68, 109)
     assert config.health.reset_required_xids == (48, 79, 95)
     assert (config.health.recovery_quiet_period_s, config.health.probe_interval_s) == (300, 10)
