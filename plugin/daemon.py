@@ -138,6 +138,11 @@ class Daemon:
         """The Plan now served."""
         return self.state.plan
 
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The background components run with the daemon."""
+        return tuple(self._components)
+
     def add_component(self, component: Component) -> None:
         """Run a background component with the daemon (started after the servers)."""
         self._components.append(component)

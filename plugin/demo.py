@@ -1,0 +1,207 @@
+"""`gpushare demo`: the daemon on a simulated node, driven by the kubelet stand-in, narrated.
+
+Each step is a function taking the DemoContext, so later parts (health recovery, MPS, MIG
+reconfiguration) can add or extend steps. Everything runs in one temporary directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from plugin.daemon import Daemon
+from plugin.standin import KubeletStandIn
+from sharing.errors import SharingError
+
+DEMO_CONFIG = """\
+# gpushare demo: every GPU shared by time-slicing, 4 replicas each, under nvidia.com/gpu.
+version: v1
+sharing:
+  timeSlicing:
+    resources:
+      - name: nvidia.com/gpu
+        replicas: 4
+"""
+WAIT_S = 10.0
+FAULT_XID = 79  # GPU has fallen off the bus
+
+
+@dataclass
+class DemoContext:
+    """What every demo step can use."""
+
+    workdir: Path
+    node: str
+    config_path: Path
+    daemon: Daemon
+    kubelet: KubeletStandIn
+    sim_state: Path
+    out: TextIO
+    notes: list[str] = field(default_factory=list)
+
+    def say(self, text: str = "") -> None:
+        """Print one line of the walkthrough."""
+        print(text, file=self.out, flush=True)
+
+
+Step = Callable[[DemoContext], None]
+
+
+class _Narrator(logging.Handler):
+    """Shows the daemon's log lines, indented, inside the walkthrough."""
+
+    def __init__(self, out: TextIO) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"    [daemon] {record.getMessage()}", file=self.out, flush=True)
+
+
+@contextmanager
+def _narrated_logs(out: TextIO) -> Iterator[None]:
+    """Route log records into the walkthrough while the demo runs."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [_Narrator(out)]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+
+
+def show_registration(ctx: DemoContext) -> None:
+    """Step 1: the resources the kubelet registered and the device lists it received."""
+    names = ctx.daemon.plan.names
+    ctx.kubelet.wait_for(lambda: set(names) <= set(ctx.kubelet.resources()), WAIT_S)
+    ctx.say()
+    ctx.say("The kubelet stand-in received these registrations and device lists:")
+    ctx.say(f"    {'resource':<28} {'socket':<30} {'devices':>7} {'healthy':>7}")
+    for name in names:
+        latest = ctx.kubelet.wait_for_list(name, lambda _: True, WAIT_S)
+        socket = ctx.kubelet.registrations_of(name)[-1].endpoint
+        ctx.say(f"    {name:<28} {socket:<30} {len(latest.devices):>7} "
+                f"{len(latest.healthy_ids):>7}")
+    first = ctx.daemon.plan.resources[0]
+    sample = ", ".join(d.id for d in first.devices[:2])
+    ctx.say(f"    device IDs look like: {sample}, ...")
+
+
+def show_allocation(ctx: DemoContext) -> None:
+    """Step 2: a container asks for two devices: GetPreferredAllocation, then Allocate."""
+    name = ctx.daemon.plan.resources[0].name
+    ctx.say()
+    ctx.say(f"A pod asks for 2 x {name}. The kubelet calls GetPreferredAllocation, then Allocate:")
+    got = ctx.kubelet.allocate(name, 2)
+    ctx.say(f"    preferred and allocated: {', '.join(got.chosen[0])}")
+    response = got.response.container_responses[0]
+    ctx.say("    ContainerAllocateResponse:")
+    for key, value in sorted(response.envs.items()):
+        ctx.say(f"      env {key}={value}")
+    for key, value in sorted(response.annotations.items()):
+        ctx.say(f"      annotation {key}={value}")
+    for mount in response.mounts:
+        ctx.say(f"      mount {mount.host_path} -> {mount.container_path}")
+    for spec in response.devices:
+        ctx.say(f"      device {spec.host_path} ({spec.permissions})")
+    for cdi in response.cdi_devices:
+        ctx.say(f"      CDI device {cdi.name}")
+
+
+def show_fault(ctx: DemoContext) -> None:
+    """Step 3: an XID on one GPU, and every replica of that GPU turning Unhealthy."""
+    from sharing.nvml.sim import inject_xid
+
+    name = ctx.daemon.plan.resources[0].name
+    device = ctx.daemon.plan.resources[0].devices[-1]
+    gpu_uuid, gpu_index = device.gpu_uuid, device.gpu_index
+    siblings = [d.id for d in ctx.daemon.plan.resources[0].devices if d.gpu_uuid == gpu_uuid]
+    ctx.say()
+    ctx.say(f"Fault: XID {FAULT_XID} (GPU fell off the bus) injected on GPU {gpu_index} "
+            f"({gpu_uuid}) in the simulator.")
+    inject_xid(ctx.sim_state, gpu_index, FAULT_XID)
+    if not _has_health_monitor(ctx.daemon):
+        ctx.say("    (this build runs no health monitor: publishing the overlay it would publish)")
+        ctx.daemon.set_health_overlay({gpu_uuid: f"XID {FAULT_XID}"})
+    latest = ctx.kubelet.wait_for_list(
+        name, lambda d: set(siblings) <= set(d.unhealthy_ids), WAIT_S
+    )
+    ctx.say(f"    the kubelet's next list: {len(latest.healthy_ids)} of {len(latest.devices)} "
+            f"Healthy; Unhealthy: {', '.join(latest.unhealthy_ids)}")
+    ctx.say(f"    every replica of GPU {gpu_index} left the allocatable pool; pods already "
+            "holding one keep it until they end.")
+
+
+def _has_health_monitor(daemon: Daemon) -> bool:
+    """Whether a health monitor runs among the daemon's background components."""
+    return any(type(c).__name__ == "HealthMonitor" for c in daemon.components)
+
+
+def show_shutdown(ctx: DemoContext) -> None:
+    """Step 4: a clean stop removes the daemon's sockets."""
+    sockets = sorted(ctx.daemon.socket_names().values())
+    ctx.daemon.stop()
+    left = [s for s in sockets if (ctx.kubelet.kubelet_dir / s).exists()]
+    ctx.say()
+    ctx.say(f"Stop (as on SIGTERM): {', '.join(sockets)} removed; left behind: {left or 'none'}.")
+
+
+STEPS: list[Step] = [show_registration, show_allocation, show_fault, show_shutdown]
+
+
+def run_demo(
+    *, node: str = "dgx-a100", config: Path | None = None, keep: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run every step; 0 on success, 1 when a step fails (the error is printed)."""
+    workdir = Path(tempfile.mkdtemp(prefix="gpushare-demo-", dir="/tmp"))
+    try:
+        with _narrated_logs(out):
+            return _run(workdir, node, config, out)
+    finally:
+        if keep:
+            print(f"kept {workdir}", file=out)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
+    from sharing import nvml
+    from sharing.nvml.sim import create_state
+
+    kubelet_dir = workdir / "kubelet"
+    kubelet_dir.mkdir()
+    config_path = workdir / "config.yaml"
+    config_path.write_text(config.read_text() if config else DEMO_CONFIG)
+    print(f"gpushare demo: simulated node {node}, kubelet stand-in in {kubelet_dir}", file=out)
+    print("config:", file=out)
+    for line in config_path.read_text().splitlines():
+        print(f"    {line}", file=out)
+    print(file=out)
+    try:
+        sim_state = workdir / "node"
+        create_state(node, sim_state)
+        kubelet = KubeletStandIn(kubelet_dir)
+        daemon = Daemon(config_path=config_path, kubelet_dir=kubelet_dir,
+                        nvml_lib=nvml.load_library(str(sim_state)), env={}, overrides={})
+        ctx = DemoContext(workdir, node, config_path, daemon, kubelet, sim_state, out)
+        try:
+            daemon.start()
+            for step in STEPS:
+                step(ctx)
+        finally:
+            daemon.stop()
+            kubelet.stop()
+    except (SharingError, OSError, TimeoutError) as err:
+        print(f"gpushare demo failed: {err}", file=out)
+        return 1
+    print(file=out)
+    print("demo complete.", file=out)
+    return 0
