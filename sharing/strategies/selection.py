@@ -172,7 +172,9 @@ def build_groups(
     resolver = _Resolver(inventory, physical)
     claimed: dict[str, Entry] = {}
     shared: dict[str, list[tuple[Entry, PhysicalDevice]]] = {}
-    for entry in entries(config):
+    all_entries = entries(config)
+    names = [entry.advertised for entry in all_entries]  # checks every name, even unused ones
+    for entry, name in zip(all_entries, names, strict=True):
         for device in resolver.select(entry):
             if device.uuid in claimed:
                 raise PlanError(
@@ -180,7 +182,7 @@ def build_groups(
                     f"{device.describe()}; a device can be shared by one entry only"
                 )
             claimed[device.uuid] = entry
-            shared.setdefault(entry.advertised, []).append((entry, device))
+            shared.setdefault(name, []).append((entry, device))
     groups = [_shared_group(name, picks) for name, picks in shared.items()]
     unshared: dict[str, list[PhysicalDevice]] = {}
     for name, device in physical:
