@@ -207,20 +207,34 @@ def _links(topology: tuple[tuple[int, ...], ...], gpu: int, others: Sequence[int
     return sum(topology[gpu][o] for o in others if o != gpu)
 
 
+def _same_numa_pairs(devices: Sequence[VirtualDevice]) -> int:
+    """Pairs of devices on one NUMA node: the tie-break when links score alike (NVSwitch)."""
+    return sum(
+        1
+        for a, b in combinations(devices, 2)
+        if a.numa_node is not None and a.numa_node == b.numa_node
+    )
+
+
 def _best_set(
     topology: tuple[tuple[int, ...], ...],
     pool: list[VirtualDevice],
     must: list[VirtualDevice],
     need: int,
 ) -> list[VirtualDevice]:
-    """Exhaustive search: highest set score, then best-grouped remainder, then lowest indices."""
+    """Exhaustive search: highest link score, then NUMA locality, then best-grouped remainder,
+    then lowest indices."""
     must_idx = [d.gpu_index for d in must]
-    best: tuple[int, int] | None = None
+    best: tuple[int, int, int] | None = None
     best_set: tuple[VirtualDevice, ...] = ()
     for cand in combinations(pool, need):
         picked = {d.id for d in cand}
         rest = [d.gpu_index for d in pool if d.id not in picked]
-        key = (_score(topology, must_idx + [d.gpu_index for d in cand]), _score(topology, rest))
+        key = (
+            _score(topology, must_idx + [d.gpu_index for d in cand]),
+            _same_numa_pairs([*must, *cand]),
+            _score(topology, rest),
+        )
         if best is None or key > best:
             best, best_set = key, cand
     return list(best_set)

@@ -324,3 +324,14 @@ def test_allocate_rejects_bad_ids(ids: list[str], message: str) -> None:
     res = mps_plan("false").resource("nvidia.com/gpu")
     with pytest.raises(InvalidRequest, match=re.escape(message)):
         validate_allocate(res, ids)
+
+
+def test_nvswitch_ties_are_broken_by_numa_node() -> None:
+    inventory = Inventory(
+        gpus=tuple(make_gpu(i, numa_node=i % 2) for i in range(8)),
+        link_scores=grouped_links([range(8)]),  # every pair joined by 12 NVLinks
+    )
+    plan = full_plan(inventory)
+    available = [g.uuid for g in inventory.gpus if g.index != 0]
+    got = preferred_allocation(plan, "nvidia.com/gpu", available, [], 4)
+    assert indices(plan, got) == [1, 3, 5, 7]
