@@ -1,0 +1,1 @@
+"""gpushare benchmarks: `./scripts/bench` prints a table and writes JSON."""

@@ -1,0 +1,69 @@
+"""`python -m benchmarks`: run every measurement, print a table, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import measure
+from benchmarks.stats import Figure, render_table, write_json
+
+DEFAULT_OUT = Path("benchmarks/results/latest.json")
+
+
+def _suites(quick: bool) -> dict[str, tuple]:
+    scale = 10 if quick else 1
+    return {
+        "allocate": (measure.allocate_latency, 2000 // scale if not quick else 300),
+        "preferred": (measure.preferred, 500 // scale),
+        "plan": (measure.plan_build, 20 // (2 if quick else 1)),
+        "health": (measure.health_propagation, 30 // (3 if quick else 1)),
+        "reregister": (measure.reregistration, 20 // (2 if quick else 1)),
+        "coldstart": (measure.cold_start, 5 // (5 if quick else 1) or 1),
+        "memory": (measure.resident_memory, 10000 // scale),
+        "reload": (measure.config_reload, 10 // (2 if quick else 1)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks (default: all)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure gpushare: Allocate latency over the unix socket, preferred "
+        "allocation, build_plan, health propagation, re-registration, cold start, resident "
+        "memory and config reload, on simulated nodes. Prints a table and writes JSON.",
+    )
+    parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
+    parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})"
+    )
+    args = parser.parse_args(argv)
+    suites = _suites(args.quick)
+    unknown = set(args.only or []) - set(suites)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(suites)}")
+    figures: list[Figure] = []
+    for name, (fn, runs) in suites.items():
+        if args.only and name not in args.only:
+            continue
+        t0 = time.monotonic()
+        figures += fn(runs)
+        print(f"[{name}] done in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+    print(render_table(figures))
+    for f in figures:
+        if f.detail:
+            print(f"  {f.name}: {f.detail}")
+    meta = {"python": platform.python_version(), "machine": platform.machine(), "quick": args.quick}
+    write_json(figures, args.json, meta)
+    print(f"\nwrote {args.json}")
+    print(json.dumps({"missed": [f.name for f in figures if f.met is False]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

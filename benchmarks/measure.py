@@ -1,0 +1,235 @@
+"""The measurements. Each returns Figures; none asserts anything (benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import psutil
+
+from benchmarks.node import DaemonUnderTest
+from benchmarks.stats import Figure
+from benchmarks.synthetic import synthetic_inventory, time_slicing_config
+from plugin import convert
+from sharing.allocation import preferred_allocation
+from sharing.nvml import sim
+from sharing.plan import build_plan
+
+NODE = "dgx-a100"
+GPU = "nvidia.com/gpu"
+
+
+def ts_config(replicas: int, strategies: str = "envvar", extra: str = "") -> str:
+    """Time-slicing ×replicas on every GPU, requests of several replicas allowed."""
+    return (
+        "version: v1\n"
+        f"flags:\n  plugin:\n    deviceListStrategy: [{strategies}]\n"
+        f"{extra}"
+        "sharing:\n  timeSlicing:\n    resources:\n"
+        f"    - name: {GPU}\n      replicas: {replicas}\n"
+    )
+
+
+def _ms(start_ns: int, end_ns: int) -> float:
+    return (end_ns - start_ns) / 1e6
+
+
+def _timed(fn: Callable[[], object], runs: int) -> list[float]:
+    """Wall time of each of `runs` calls, in milliseconds."""
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append(_ms(t0, time.perf_counter_ns()))
+    return samples
+
+
+def allocate_latency(calls: int) -> list[Figure]:
+    """Allocate over the unix socket: 1 GPU and 8 replicas, envvar and CDI strategies."""
+    figures = []
+    for label, strategies in (("envvar", "envvar"), ("CDI", "cdi-annotations, cdi-cri")):
+        with DaemonUnderTest(NODE, ts_config(8, strategies)) as node:
+            node.spawn()
+            node.wait_registered([GPU])
+            stub = node.stub("gpu")
+            ids = node.kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
+            one = convert.to_pb_allocate_request([[ids[0]]])
+            eight = convert.to_pb_allocate_request([ids[:8]])
+            for size, request in (("1 device", one), ("8 replicas", eight)):
+                call = partial(stub.Allocate, request, timeout=5)
+                _timed(call, 200)  # warm-up
+                samples = _timed(call, calls)
+                figures.append(
+                    Figure.from_samples(
+                        f"Allocate {size}, {label}", f"{NODE} ts x8", "ms", samples,
+                        target_median=0.5, target_p99=2.0, target_text="median<0.5 p99<2",
+                    )
+                )  # fmt: skip
+    return figures
+
+
+def preferred(runs: int) -> list[Figure]:
+    """preferred_allocation on the Plan at 8x16, 8x64 and 64x128, sizes 1, 4 and 8."""
+    figures = []
+    for gpus, replicas in ((8, 16), (8, 64), (64, 128)):
+        plan = build_plan(synthetic_inventory(gpus), time_slicing_config(replicas))
+        resource = plan.resources[0]
+        available = [d.id for d in resource.devices]
+        for size in (1, 4, 8):
+            call = partial(preferred_allocation, plan, resource.name, available, [], size)
+            _timed(call, 20)
+            samples = _timed(call, runs)
+            target = (gpus, replicas, size) == (8, 64, 8)
+            figures.append(
+                Figure.from_samples(
+                    f"GetPreferredAllocation {gpus}x{replicas} size {size}",
+                    f"synthetic {gpus} GPUs", "ms", samples,
+                    target_median=1.0 if target else None,
+                    target_text="<1" if target else "",
+                )
+            )  # fmt: skip
+    return figures
+
+
+def plan_build(runs: int) -> list[Figure]:
+    """build_plan at 8, 64 and 256 GPUs with 64 replicas each."""
+    figures = []
+    config = time_slicing_config(64)
+    for gpus in (8, 64, 256):
+        inventory = synthetic_inventory(gpus)
+        samples = _timed(partial(build_plan, inventory, config), runs)
+        figures.append(
+            Figure.from_samples(
+                f"build_plan {gpus} GPUs x 64 replicas", f"synthetic {gpus} GPUs", "ms", samples,
+                target_median=100.0 if gpus == 64 else None,
+                target_text="<100" if gpus == 64 else "",
+            )
+        )  # fmt: skip
+    return figures
+
+
+def _replica_ids(node: DaemonUnderTest, gpu_index: int) -> set[str]:
+    gpu_uuid = sim.load_spec(node.state_dir).gpus[gpu_index].uuid
+    return {d.id for d in node.kubelet.latest(GPU).devices if d.id.startswith(gpu_uuid)}  # type: ignore[union-attr]
+
+
+def health_propagation(runs: int) -> list[Figure]:
+    """XID injected in the simulated NVML -> updated list received by the kubelet stand-in."""
+    health = "health:\n  recoveryQuietPeriod: 100ms\n  probeInterval: 50ms\n"
+    samples = []
+    with DaemonUnderTest(NODE, ts_config(4, extra=health)) as node:
+        node.spawn()
+        node.wait_registered([GPU])
+        kubelet = node.kubelet
+        assert kubelet is not None
+        for run in range(runs):
+            gpu = run % 8
+            replicas = _replica_ids(node, gpu)
+            t0 = time.monotonic()
+            sim.inject_xid(node.state_dir, gpu, 94)  # contained ECC error: recoverable
+            seen = kubelet.wait_for_list(
+                GPU, lambda lst, want=replicas: want <= set(lst.unhealthy_ids)
+            )
+            samples.append((seen.at - t0) * 1000)
+            kubelet.wait_for_list(GPU, lambda lst: not lst.unhealthy_ids, timeout_s=10)
+    return [
+        Figure.from_samples(
+            "health propagation (XID 94 -> Unhealthy at kubelet)", f"{NODE} ts x4", "ms",
+            samples, target_median=100.0, target_text="<100",
+        )
+    ]  # fmt: skip
+
+
+def reregistration(runs: int) -> list[Figure]:
+    """Kubelet restart (sockets wiped, kubelet.sock re-created) -> Register received."""
+    samples = []
+    with DaemonUnderTest(NODE, ts_config(8)) as node:
+        node.spawn()
+        node.wait_registered([GPU])
+        kubelet = node.kubelet
+        assert kubelet is not None
+        for _ in range(runs):
+            before = len(kubelet.registrations_of(GPU))
+            kubelet.restart()
+            t0 = time.monotonic()
+            kubelet.wait_for(lambda b=before: len(kubelet.registrations_of(GPU)) > b, 10)
+            samples.append((kubelet.registrations_of(GPU)[-1].at - t0) * 1000)
+    return [
+        Figure.from_samples(
+            "kubelet restart -> re-registered", f"{NODE} ts x8", "ms", samples,
+            target_median=200.0, target_text="<200",
+        )
+    ]  # fmt: skip
+
+
+def cold_start(runs: int) -> list[Figure]:
+    """Process start -> every resource registered and its first list received."""
+    samples = []
+    for _ in range(runs):
+        with DaemonUnderTest(NODE, ts_config(8)) as node:
+            started = node.spawn()
+            registered = node.wait_registered([GPU])
+            samples.append((registered - started) * 1000)
+    return [
+        Figure.from_samples(
+            "cold start -> all resources registered", f"{NODE} ts x8", "ms", samples,
+            target_median=1000.0, target_text="<1000",
+        )
+    ]  # fmt: skip
+
+
+def resident_memory(calls: int) -> list[Figure]:
+    """Daemon RSS after start and after `calls` Allocate calls."""
+    with DaemonUnderTest(NODE, ts_config(8)) as node:
+        node.spawn()
+        node.wait_registered([GPU])
+        process = psutil.Process(node.pid)
+        time.sleep(0.5)
+        after_start = process.memory_info().rss / 2**20
+        stub = node.stub("gpu")
+        ids = node.kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
+        requests = [convert.to_pb_allocate_request([[i]]) for i in ids]
+        for n in range(calls):
+            stub.Allocate(requests[n % len(requests)], timeout=5)
+        after_calls = process.memory_info().rss / 2**20
+    growth = after_calls - after_start
+    return [
+        Figure.from_samples(
+            "daemon RSS after start", f"{NODE} ts x8", "MiB", [after_start],
+            target_median=80.0, target_text="<80",
+        ),
+        Figure.from_samples(
+            f"daemon RSS after {calls} Allocate calls", f"{NODE} ts x8", "MiB", [after_calls],
+            target_median=80.0, target_text="<80, growth <5",
+            detail=f"growth {growth:.1f} MiB",
+        ),
+    ]  # fmt: skip
+
+
+def config_reload(runs: int) -> list[Figure]:
+    """Config file changed -> new device list received by the kubelet stand-in."""
+    samples = []
+    with DaemonUnderTest(NODE, ts_config(4)) as node:
+        node.spawn()
+        node.wait_registered([GPU])
+        kubelet = node.kubelet
+        assert kubelet is not None
+        for run in range(runs):
+            replicas = 8 if run % 2 == 0 else 4
+            t0 = time.monotonic()
+            node.config_path.write_text(ts_config(replicas))
+            seen = kubelet.wait_for_list(GPU, lambda lst, n=replicas: len(lst.devices) == 8 * n)
+            samples.append((seen.at - t0) * 1000)
+    return [
+        Figure.from_samples(
+            "config reload -> new list at kubelet", f"{NODE} ts 4<->8", "ms", samples,
+            target_median=1000.0, target_p99=1000.0, target_text="<1000",
+        )
+    ]  # fmt: skip
+
+
+def summary(samples: list[float]) -> str:
+    """Median and spread of samples, for logs."""
+    return f"median {statistics.median(samples):.3f} over {len(samples)}"
