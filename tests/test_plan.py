@@ -275,11 +275,12 @@ def test_mps_below_compute_capability_7_5_allows_16_clients() -> None:
     assert plan.resources[0].mps.max_clients_per_gpu == 16
 
 
-def test_dev_root_prefixes_device_paths() -> None:
+def test_device_paths_are_container_paths_and_dev_root_is_an_option() -> None:
     plan = plan_of("version: v1\nflags: {nvidiaDriverRoot: /run/nvidia/driver}\n")
-    assert plan.resources[0].devices[3].dev_paths == ("/run/nvidia/driver/dev/nvidia3",)
-    plan = plan_of("version: v1\nflags: {nvidiaDriverRoot: /x, nvidiaDevRoot: /}\n")
     assert plan.resources[0].devices[3].dev_paths == ("/dev/nvidia3",)
+    assert plan.options.nvidia_dev_root == "/run/nvidia/driver"
+    plan = plan_of("version: v1\nflags: {nvidiaDriverRoot: /x, nvidiaDevRoot: /}\n")
+    assert plan.options.nvidia_dev_root == "/"
 
 
 def test_serve_options_come_from_flags() -> None:

@@ -6,7 +6,6 @@ its replica count and the config entry that chose it) into a `ResourcePlan` of v
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -92,18 +91,19 @@ class SharingStrategy(Protocol):
         ...
 
 
-def dev_paths(device: PhysicalDevice, dev_root: str) -> tuple[str, ...]:
-    """Device nodes of a physical device under the host's device root."""
-    paths = [posixpath.join(dev_root, f"dev/nvidia{device.gpu.minor}")]
+def dev_paths(device: PhysicalDevice) -> tuple[str, ...]:
+    """Device nodes of a physical device as the container sees them (`/dev/nvidia<minor>`, and
+    for MIG the GI and CI access files); the host path is the same under nvidiaDevRoot."""
+    paths = [f"/dev/nvidia{device.gpu.minor}"]
     mig = device.mig
     if mig is not None:
         for minor in (mig.gi_cap_minor, mig.ci_cap_minor):
             if minor is not None:
-                paths.append(posixpath.join(dev_root, f"dev/nvidia-caps/nvidia-cap{minor}"))
+                paths.append(f"/dev/nvidia-caps/nvidia-cap{minor}")
     return tuple(paths)
 
 
-def virtual_devices(member: Member, options: ServeOptions, shared: bool) -> list[VirtualDevice]:
+def virtual_devices(member: Member, shared: bool) -> list[VirtualDevice]:
     """The virtual devices of one member: the device itself, or its replicas `<uuid>::<n>`."""
     device = member.device
     common = {
@@ -113,7 +113,7 @@ def virtual_devices(member: Member, options: ServeOptions, shared: bool) -> list
         "numa_node": device.gpu.numa_node,
         "mig": device.mig,
         "index_id": device.index_id,
-        "dev_paths": dev_paths(device, options.nvidia_dev_root),
+        "dev_paths": dev_paths(device),
     }
     if not shared:
         return [VirtualDevice(id=device.uuid, **common)]
@@ -129,7 +129,7 @@ def expand(group: ResourceGroup, options: ServeOptions, strategy: Strategy) -> R
     members = sorted(group.members, key=lambda m: m.device.sort_key)
     devices: list[VirtualDevice] = []
     for member in members:
-        devices.extend(virtual_devices(member, options, shared))
+        devices.extend(virtual_devices(member, shared))
     return ResourcePlan(
         name=group.name,
         original_name=group.original_name,
