@@ -1,0 +1,236 @@
+"""The daemon end to end on a simulated DGX A100 over real unix sockets and a kubelet stand-in."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from plugin.daemon import Daemon
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = ROOT / "tests" / "data" / "compat" / "nvidia-device-plugin"  # copied from shared/compat
+TIME_SLICING_X4 = """\
+version: v1
+sharing:
+  timeSlicing:
+    resources:
+      - name: nvidia.com/gpu
+        replicas: 4
+"""
+CDI = "k8s.device-plugin.nvidia.com/gpu"
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def sim_node(tmp_path: Path) -> Path:
+    """A fresh simulator state directory of a DGX A100 (8 x A100-SXM4-40GB)."""
+    from sharing.nvml.sim import create_state
+
+    state = tmp_path / "node"
+    create_state("dgx-a100", state)
+    return state
+
+
+@pytest.fixture
+def kubelet_dir() -> Iterator[Path]:
+    """A short kubelet directory (unix socket paths are limited to ~107 bytes)."""
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
+    """The kubelet stand-in serving kubelet.sock."""
+    fake = FakeKubelet(kubelet_dir)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def start_daemon(
+    tmp_path: Path, kubelet_dir: Path, sim_node: Path
+) -> Iterator[StartDaemon]:
+    """Start a Daemon on the simulated node with a config text and flag overrides."""
+    from sharing.nvml import load_library
+
+    daemons: list[Daemon] = []
+
+    def start(config: str = TIME_SLICING_X4, **overrides: object) -> Daemon:
+        path = tmp_path / "config.yaml"
+        path.write_text(config)
+        daemon = Daemon(
+            config_path=path, kubelet_dir=kubelet_dir, nvml_lib=load_library(str(sim_node)),
+            env={}, overrides={k.replace("_", "-"): v for k, v in overrides.items()},
+        )
+        daemons.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def test_registration_and_first_list(start_daemon: StartDaemon, kubelet: FakeKubelet) -> None:
+    """The stand-in sees one registration; the first list holds all 32 replicas with NUMA."""
+    daemon = start_daemon()
+    kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"])
+    [registration] = kubelet.registrations
+    assert (registration.resource_name, registration.endpoint) == (
+        "nvidia.com/gpu", "gpushare-gpu.sock"
+    )
+    first = kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    assert kubelet.lists("nvidia.com/gpu")[0] == first
+    assert [d.id for d in first.devices] == [d.id for d in daemon.plan.resources[0].devices]
+    assert len(first.devices) == 32
+    assert all(d.healthy for d in first.devices)
+    assert {d.numa_node for d in first.devices} == {0, 1}
+
+
+def _expected(strategy: str, uuids: list[str]) -> dict[str, object]:
+    """The parts of a ContainerAllocateResponse facts §7 prescribes for one strategy."""
+    names = ",".join(f"{CDI}={u}" for u in uuids)
+    return {
+        "envvar": {"envs": {"NVIDIA_VISIBLE_DEVICES": ",".join(uuids)}},
+        "volume-mounts": {
+            "envs": {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"},
+            "mounts": [(f"/var/run/nvidia-container-devices/{u}", "/dev/null") for u in uuids],
+        },
+        "cdi-annotations": {"envs": {}, "annotation": names},
+        "cdi-cri": {"envs": {}, "cdi": [f"{CDI}={u}" for u in uuids]},
+    }[strategy]
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param("envvar", id="envvar"),
+        pytest.param("volume-mounts", id="volume-mounts"),
+        pytest.param("cdi-annotations", id="cdi-annotations"),
+        pytest.param("cdi-cri", id="cdi-cri"),
+    ],
+)
+def test_allocate_per_device_list_strategy(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, strategy: str
+) -> None:
+    """GetPreferredAllocation then Allocate; the response names the parent GPUs as facts §7."""
+    start_daemon(device_list_strategy=[strategy])
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    got = kubelet.allocate("nvidia.com/gpu", 2)
+    uuids = list(dict.fromkeys(i.split("::")[0] for i in got.chosen[0]))
+    assert len(uuids) == 2, "distributed policy spreads replicas over GPUs"
+    response = got.response.container_responses[0]
+    expected = _expected(strategy, uuids)
+    assert dict(response.envs) == expected["envs"]
+    assert [(m.container_path, m.host_path) for m in response.mounts] == expected.get("mounts", [])
+    assert [c.name for c in response.cdi_devices] == expected.get("cdi", [])
+    if "annotation" in expected:
+        [(key, value)] = response.annotations.items()
+        assert re.fullmatch(r"cdi\.k8s\.io/nvidia-device-plugin_[0-9a-f-]{36}", key)
+        assert value == expected["annotation"]
+    else:
+        assert dict(response.annotations) == {}
+
+
+def test_index_ids(start_daemon: StartDaemon, kubelet: FakeKubelet) -> None:
+    """deviceIDStrategy index hands GPU indices to the runtime."""
+    daemon = start_daemon(device_id_strategy="index")
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    devices = daemon.plan.resources[0].devices
+    got = kubelet.allocate_ids("nvidia.com/gpu", [[devices[5].id, devices[0].id]])
+    assert got.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == (
+        f"{devices[5].gpu_index},{devices[0].gpu_index}"
+    )
+
+
+def test_unknown_id_is_refused_and_serving_goes_on(
+    start_daemon: StartDaemon, kubelet: FakeKubelet
+) -> None:
+    """INVALID_ARGUMENT naming resource and ID; the next Allocate is answered."""
+    start_daemon()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.allocate_ids("nvidia.com/gpu", [["GPU-not-on-this-node::3"]])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nvidia.com/gpu" in info.value.details()
+    assert "GPU-not-on-this-node::3" in info.value.details()
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses[0].envs
+
+
+def test_kubelet_restart_reregisters_within_1s(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, kubelet_dir: Path
+) -> None:
+    """Sockets deleted and kubelet.sock re-created: registered again within 1 s, and serving."""
+    start_daemon()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    restarted = time.monotonic()
+    kubelet.restart()
+    assert not (kubelet_dir / "gpushare-gpu.sock").exists()
+    kubelet.wait_for(lambda: len(kubelet.registrations) == 2, timeout_s=2.0)
+    took = kubelet.registrations[-1].at - restarted
+    assert took < 1.0, f"re-registration took {took:.3f}s"
+    latest = kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    assert len(latest.devices) == 32
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "resource", "count"),
+    [
+        pytest.param("flags-only.yaml", {}, "nvidia.com/gpu", 8, id="flags-only"),
+        pytest.param("time-slicing-rename.yaml", {}, "nvidia.com/gpu.shared", 80,
+                     id="time-slicing-rename"),
+        pytest.param("mps.yaml", {"mps_root": "/run/nvidia/mps"}, "nvidia.com/gpu", 80,
+                     id="mps"),
+        pytest.param("mps-fail-requests-false.yaml", {"mps_root": "/run/nvidia/mps"},
+                     "nvidia.com/gpu", 16, id="mps-fail-requests-false"),
+        pytest.param("mps-cdi-annotations.yaml", {"mps_root": "/run/nvidia/mps"},
+                     "nvidia.com/gpu", 32, id="mps-cdi-annotations"),
+    ],
+)
+def test_nvidia_config_files_served_unchanged(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, config: str,
+    overrides: dict[str, object], resource: str, count: int,
+) -> None:
+    """NVIDIA v1 config files give the resources and device counts the compat table lists."""
+    start_daemon((COMPAT / config).read_text(), **overrides)
+    kubelet.wait_for(lambda: kubelet.resources() == [resource])
+    assert len(kubelet.wait_for_list(resource, lambda _: True).devices) == count
+
+
+def test_sigterm_stops_cleanly_and_removes_sockets(
+    tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet, sim_node: Path
+) -> None:
+    """`gpushare run` as a process: registers, then SIGTERM exits 0 leaving no socket of ours."""
+    config = tmp_path / "config.yaml"
+    config.write_text(TIME_SLICING_X4)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "run", "--config", str(config),
+         "--node", str(sim_node), "--kubelet-dir", str(kubelet_dir)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"], timeout_s=20)
+        assert (kubelet_dir / "gpushare-gpu.sock").exists()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
+    assert "registered nvidia.com/gpu" in output

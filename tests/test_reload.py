@@ -1,0 +1,150 @@
+"""Reload without restart: config edits and SIGHUP apply the Plan diff; bad files change nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.daemon import Daemon
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
+
+
+def time_slicing(replicas: int, *, rename: bool = False) -> str:
+    """A time-slicing config for nvidia.com/gpu."""
+    return (
+        "version: v1\nsharing:\n  timeSlicing:\n"
+        f"    renameByDefault: {str(rename).lower()}\n"
+        f"    resources:\n      - name: nvidia.com/gpu\n        replicas: {replicas}\n"
+    )
+
+
+@pytest.fixture
+def kubelet_dir() -> Iterator[Path]:
+    """A short kubelet directory."""
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
+    """The kubelet stand-in."""
+    fake = FakeKubelet(kubelet_dir)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """The config file, first with 4 replicas per GPU."""
+    path = tmp_path / "config.yaml"
+    path.write_text(time_slicing(4))
+    return path
+
+
+def make_daemon(config: Path, kubelet_dir: Path, tmp_path: Path, **kwargs: float) -> Daemon:
+    """A daemon on a fresh simulated DGX A100 (8 GPUs)."""
+    from sharing.nvml import load_library
+    from sharing.nvml.sim import create_state
+
+    state = tmp_path / "node"
+    create_state("dgx-a100", state)
+    return Daemon(config_path=config, kubelet_dir=kubelet_dir,
+                  nvml_lib=load_library(str(state)), env={}, overrides={}, **kwargs)
+
+
+@pytest.fixture
+def daemon(
+    config: Path, kubelet_dir: Path, tmp_path: Path, kubelet: FakeKubelet
+) -> Iterator[Daemon]:
+    """A running daemon whose 32 devices the kubelet has seen."""
+    daemon = make_daemon(config, kubelet_dir, tmp_path)
+    daemon.start()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 32)
+    yield daemon
+    daemon.stop()
+
+
+def test_more_replicas_reach_the_kubelet_within_1s_without_registering_again(
+    daemon: Daemon, kubelet: FakeKubelet, config: Path
+) -> None:
+    """replicas 4 -> 8: the open stream carries 64 devices within 1 s; one registration only."""
+    edited = time.monotonic()
+    config.write_text(time_slicing(8))
+    latest = kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 64, 2.0)
+    took = latest.at - edited
+    assert took < 1.0, f"new list took {took:.3f}s"
+    assert len(kubelet.registrations_of("nvidia.com/gpu")) == 1
+    assert {d.id.split("::")[1] for d in latest.devices} == {str(n) for n in range(8)}
+
+
+def test_broken_edit_keeps_the_old_plan_and_logs_file_and_field(
+    daemon: Daemon, kubelet: FakeKubelet, config: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """replicas: 1 is refused: 32 devices still served, the error names file and field."""
+    caplog.set_level(logging.ERROR, logger="gpushare.daemon")
+    lists_before = len(kubelet.lists("nvidia.com/gpu"))
+    config.write_text(time_slicing(1))
+    deadline = time.monotonic() + 2.0
+    while daemon.reload_failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert daemon.reload_failures == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    message = record.getMessage()
+    assert message.startswith(f"reload of {config} failed: ")
+    assert "sharing.timeSlicing.resources[0].replicas" in message
+    assert len(daemon.plan.resources[0].devices) == 32
+    assert len(kubelet.lists("nvidia.com/gpu")) == lists_before
+    assert len(kubelet.latest("nvidia.com/gpu").devices) == 32
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
+    config.write_text(time_slicing(2))
+    kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 16, 2.0)
+
+
+def test_renamed_resource_is_served_and_the_old_one_stopped(
+    daemon: Daemon, kubelet: FakeKubelet, config: Path, kubelet_dir: Path
+) -> None:
+    """renameByDefault: nvidia.com/gpu.shared registered on its socket, gpushare-gpu.sock gone."""
+    config.write_text(time_slicing(4, rename=True))
+    kubelet.wait_for(lambda: "nvidia.com/gpu.shared" in kubelet.resources(), 2.0)
+    assert kubelet.registrations_of("nvidia.com/gpu.shared")[0].endpoint == (
+        "gpushare-gpu.shared.sock"
+    )
+    assert len(kubelet.wait_for_list("nvidia.com/gpu.shared", lambda _: True).devices) == 32
+    assert not (kubelet_dir / "gpushare-gpu.sock").exists()
+    assert daemon.plan.names == ("nvidia.com/gpu.shared",)
+
+
+def test_sighup_reloads(
+    config: Path, kubelet_dir: Path, tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    """With the file watch idle, SIGHUP alone applies the edit; SIGTERM then stops cleanly."""
+    daemon = make_daemon(config, kubelet_dir, tmp_path, config_poll_s=3600.0)
+    daemon.start()
+    errors: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 32)
+            config.write_text(time_slicing(3))
+            os.kill(os.getpid(), signal.SIGHUP)
+            kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 24)
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            errors.append(err)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert daemon.run_forever() == 0
+    driver.join()
+    assert errors == []
+    assert len(kubelet.registrations_of("nvidia.com/gpu")) == 1
+    assert not (kubelet_dir / "gpushare-gpu.sock").exists()
