@@ -1,0 +1,59 @@
+"""Shared fixtures: simulated nodes, the NVML adapter over them, and their inventories.
+
+The simulated NVML is injected as the library object (`Nvml(SimNvml(state_dir))`), never patched
+in. Each fixture call creates a fresh state directory under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sharing.devices import Inventory
+from sharing.nvml import Nvml, read_inventory
+from sharing.nvml.sim import SimNvml, create_state
+
+
+@pytest.fixture
+def sim_state(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: `sim_state("dgx-a100") -> Path`, a fresh state directory of a node."""
+    made: list[Path] = []
+
+    def make(node: str | Path = "dgx-a100") -> Path:
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(str(node)).stem)
+        path = tmp_path / f"sim-{slug}-{len(made)}"
+        made.append(create_state(node, path))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def sim_nvml(sim_state: Callable[..., Path]) -> Iterator[Callable[..., tuple[Nvml, Path]]]:
+    """Factory: `sim_nvml("dgx-a100") -> (Nvml, state_dir)`, initialised; shut down after."""
+    opened: list[Nvml] = []
+
+    def make(node: str | Path = "dgx-a100", state_dir: Path | None = None) -> tuple[Nvml, Path]:
+        path = state_dir if state_dir is not None else sim_state(node)
+        nvml = Nvml(SimNvml(path))
+        nvml.init()
+        opened.append(nvml)
+        return nvml, path
+
+    yield make
+    for nvml in opened:
+        nvml.shutdown()
+
+
+@pytest.fixture
+def inventory_of(sim_nvml: Callable[..., tuple[Nvml, Path]]) -> Callable[..., Inventory]:
+    """Factory: `inventory_of("dgx-a100") -> Inventory` of a fresh simulated node."""
+
+    def make(node: str | Path = "dgx-a100") -> Inventory:
+        nvml, _ = sim_nvml(node)
+        return read_inventory(nvml)
+
+    return make
