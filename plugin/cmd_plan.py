@@ -145,11 +145,16 @@ def _mps_lines(resource: ResourcePlan) -> list[str]:
     spec = resource.mps
     if spec is None:
         return []
-    pinned = sorted({mib for _, mib in spec.pinned_mem_limit_mib})
-    memory = ", ".join(f"{m} MiB" for m in pinned)
+    by_mib: dict[int, list[int]] = {}
+    for index, mib in spec.pinned_mem_limit_mib:
+        by_mib.setdefault(mib, []).append(index)
+    if len(by_mib) == 1:
+        memory = f"{next(iter(by_mib))} MiB"
+    else:
+        memory = ", ".join(f"{mib} MiB on GPU {_ranges(sorted(i))}" for mib, i in by_mib.items())
     return [
-        f"  mps:      {spec.active_thread_percentage}% threads, {memory} pinned memory per "
-        f"client, at most {spec.max_clients_per_gpu} clients per GPU",
+        f"  mps:      per client {spec.active_thread_percentage}% of threads, pinned memory "
+        f"{memory}; at most {spec.max_clients_per_gpu} clients per GPU",
         f"  mps dirs: pipe {spec.pipe_dir}, log {spec.log_dir}, shm {spec.shm_dir}",
     ]
 
@@ -158,7 +163,7 @@ def render_table(plan: Plan, inventory: Inventory) -> str:
     """The plan as text: a header, one block per resource, then the node labels."""
     opts = plan.options
     lines = [
-        f"node: {len(inventory.gpus)} GPUs "
+        f"node: {len(inventory.gpus)} GPU{'' if len(inventory.gpus) == 1 else 's'} "
         f"({', '.join(sorted({g.name for g in inventory.gpus})) or 'none'})",
         f"flags: migStrategy={opts.mig_strategy} "
         f"deviceListStrategy={','.join(opts.device_list_strategy)} "
@@ -188,9 +193,12 @@ def render_table(plan: Plan, inventory: Inventory) -> str:
 
 
 def plan_json(plan: Plan) -> Any:
-    """The whole plan as JSON-ready data (private fields left out, labels as a mapping)."""
+    """The whole plan as JSON-ready data: public fields, labels and replicas as mappings."""
     data = _jsonable(plan)
     data["labels"] = dict(plan.labels)
+    for res, item in zip(plan.resources, data["resources"], strict=True):
+        item["replicas"] = dict(res.replicas)
+        item["socket_name"] = res.socket_name
     return data
 
 

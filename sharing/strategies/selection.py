@@ -121,7 +121,7 @@ class _Resolver:
         if gpu is None:
             raise PlanError(
                 f"{where}: no GPU with index {index} on this node "
-                f"(indices {_ranges(sorted(self.by_index))})"
+                f"({_known_indices(sorted(self.by_index))})"
             )
         return gpu
 
@@ -226,6 +226,15 @@ def _conflict(name: str, entry: Entry, rest: list[PhysicalDevice]) -> None:
         f"devices it does not select ({listed}) would be advertised unshared under the same "
         "name; set rename (or renameByDefault) or select every device of the resource"
     )
+
+
+def _known_indices(indices: list[int]) -> str:
+    """`indices 0-7`, `index 0 only` or `no GPUs`."""
+    if not indices:
+        return "it has no GPUs"
+    if len(indices) == 1:
+        return f"index {indices[0]} only"
+    return f"indices {_ranges(indices)}"
 
 
 def _ranges(indices: list[int]) -> str:
