@@ -81,6 +81,8 @@ def create_gi(
     if profile is None:
         fail(pynvml.NVML_ERROR_INVALID_ARGUMENT)
     assert profile is not None
+    if start is not None and (start not in profile.starts or size not in (None, profile.size)):
+        fail(pynvml.NVML_ERROR_INVALID_ARGUMENT)
     if sum(1 for gi in gpu["gis"] if gi["profile_id"] == profile_id) >= profile.max_count:
         fail(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
     used = _used_slots(card, gpu)
@@ -88,8 +90,6 @@ def create_gi(
         start = _driver_start(profile, used)
         if start is None:
             fail(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
-    elif start not in profile.starts or (size is not None and size != profile.size):
-        fail(pynvml.NVML_ERROR_INVALID_ARGUMENT)
     assert start is not None
     if not used.isdisjoint(profile.slots(start)):
         fail(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
