@@ -77,7 +77,7 @@ def preferred_allocation(
         return [d.id for d in must]
     if resource.shared:
         policy = plan.options.shared_devices_allocation_policy
-        chosen = _pick_replicas(resource, pool, must, need, avail, packed=policy == "packed")
+        chosen = _pick_replicas(resource, pool, need, packed=policy == "packed")
     elif any(d.mig is not None for d in pool):
         chosen = _pick_mig(pool, must, need)
     else:
@@ -87,15 +87,14 @@ def preferred_allocation(
 
 def _checked(resource: ResourcePlan, ids: Sequence[str], what: str) -> list[VirtualDevice]:
     """Resolve IDs to devices, dropping duplicates; unknown IDs are errors."""
-    out: dict[str, VirtualDevice] = {}
-    for device_id in ids:
-        device = resource.device(device_id)
-        if device is None:
-            raise InvalidRequest(
-                f'preferred allocation for "{resource.name}": unknown {what} device "{device_id}"'
-            )
-        out.setdefault(device_id, device)
-    return list(out.values())
+    lookup = resource.device
+    devices = [lookup(device_id) for device_id in dict.fromkeys(ids)]
+    if None in devices:
+        unknown = next(i for i in ids if lookup(i) is None)
+        raise InvalidRequest(
+            f'preferred allocation for "{resource.name}": unknown {what} device "{unknown}"'
+        )
+    return devices  # type: ignore[return-value]
 
 
 def _check_size(
@@ -109,7 +108,8 @@ def _check_size(
             f'preferred allocation for "{name}": {len(must)} must-include devices '
             f"exceed the requested size {size}"
         )
-    total = len({d.id for d in avail} | {d.id for d in must})
+    avail_ids = {d.id for d in avail}
+    total = len(avail) + sum(1 for d in must if d.id not in avail_ids)
     if size > total:
         raise InvalidRequest(
             f'preferred allocation for "{name}": cannot allocate {size} devices, '
@@ -118,39 +118,30 @@ def _check_size(
 
 
 def _pick_replicas(
-    resource: ResourcePlan,
-    pool: list[VirtualDevice],
-    must: list[VirtualDevice],
-    need: int,
-    avail: list[VirtualDevice],
-    *,
-    packed: bool,
+    resource: ResourcePlan, pool: list[VirtualDevice], need: int, *, packed: bool
 ) -> list[VirtualDevice]:
-    """Greedy replica choice: fewest (distributed) or most (packed) replicas already in use."""
+    """Greedy replica choice: fewest (distributed) or most (packed) replicas already in use.
+
+    A replica is in use when it is not free: held by another pod (not available) or
+    must-include in this request. Ties go to the parent picked least in this call, then to
+    plan order; within a parent the lowest replica index comes first.
+    """
     free: dict[str, list[VirtualDevice]] = {}
     for device in pool:
         free.setdefault(device.physical_id, []).append(device)
-    avail_count: dict[str, int] = {}
-    for device in avail:
-        avail_count[device.physical_id] = avail_count.get(device.physical_id, 0) + 1
+    used = {pid: len(resource.devices_of(pid)) - len(devs) for pid, devs in free.items()}
     order = {pid: i for i, pid in enumerate(resource.physical_ids)}
-    used = {pid: len(resource.devices_of(pid)) - avail_count.get(pid, 0) for pid in free}
-    avail_ids = {d.id for d in avail}
-    for device in must:
-        if device.physical_id in used and device.id in avail_ids:
-            used[device.physical_id] += 1
     picked = dict.fromkeys(free, 0)
-    for devices in free.values():
-        devices.sort(key=lambda d: d.replica or 0)
-        devices.reverse()  # pop() from the end gives the lowest replica first
-    chosen: list[VirtualDevice] = []
     sign = -1 if packed else 1
+    chosen: list[VirtualDevice] = []
     for _ in range(need):
         pid = min(
             (p for p, devs in free.items() if devs),
             key=lambda p: (sign * used[p], picked[p], order[p]),
         )
-        chosen.append(free[pid].pop())
+        devices = free[pid]
+        lowest = min(range(len(devices)), key=lambda i: devices[i].replica or 0)
+        chosen.append(devices.pop(lowest))
         used[pid] += 1
         picked[pid] += 1
     return chosen
