@@ -36,10 +36,10 @@ DEFAULT_PROBE_INTERVAL_S = 10.0
 ENV_DISABLE = "DP_DISABLE_HEALTHCHECKS"
 ENV_ENABLE = "DP_ENABLE_HEALTHCHECKS"
 
-# NVML event type bits (nvmlEventType*); values are the NVML ABI.
-EVENT_SINGLE_BIT_ECC = 0x1
-EVENT_DOUBLE_BIT_ECC = 0x2
-EVENT_XID_CRITICAL = 0x8
+# Event types as sharing.nvml.XidEvent names them (nvmlEventTypeXidCriticalError, ...ECC...).
+EVENT_XID_CRITICAL = "xid"
+EVENT_DOUBLE_BIT_ECC = "ecc_double"
+EVENT_SINGLE_BIT_ECC = "ecc_single"
 DOUBLE_BIT_ECC_XID = 48  # a double-bit ECC event is judged like XID 48
 WHOLE_GPU_SCOPE = 0xFFFFFFFF  # GI/CI ID NVML reports when an event concerns the whole GPU
 
@@ -85,7 +85,7 @@ class XidEventLike(Protocol):
     gpu_index: int
     gpu_uuid: str
     xid: int
-    event_type: int
+    event_type: str
     gi_id: int | None
     ci_id: int | None
 
@@ -197,11 +197,11 @@ class XidPolicy:
 
 def event_xid(event: XidEventLike) -> int | None:
     """The XID an event is judged by: its own, 48 for a double-bit ECC event, None to skip it."""
-    if event.event_type & EVENT_XID_CRITICAL:
+    if event.event_type == EVENT_XID_CRITICAL:
         return event.xid
-    if event.event_type & EVENT_DOUBLE_BIT_ECC:
+    if event.event_type == EVENT_DOUBLE_BIT_ECC:
         return event.xid or DOUBLE_BIT_ECC_XID
-    return None  # single-bit ECC errors are corrected; they never mark a device
+    return None  # single-bit ECC errors are corrected and other types say nothing of health
 
 
 def _scope_id(value: int | None) -> int | None:

@@ -113,10 +113,10 @@ def test_policy_rejects_bad_values(disabled: str | None, enabled: str | None, me
         pytest.param(EVENT_XID_CRITICAL, 79, 79, id="critical XID"),
         pytest.param(EVENT_DOUBLE_BIT_ECC, 0, 48, id="double-bit ECC is XID 48"),
         pytest.param(EVENT_SINGLE_BIT_ECC, 0, None, id="single-bit ECC is skipped"),
-        pytest.param(0x4, 0, None, id="other event types are skipped"),
+        pytest.param("0x4", 0, None, id="other event types are skipped"),
     ],
 )
-def test_event_xid(event_type: int, code: int, judged_as: int | None) -> None:
+def test_event_xid(event_type: str, code: int, judged_as: int | None) -> None:
     """Events are judged by their XID; ECC events map as documented."""
     assert event_xid(Event(0, "GPU-x", code, event_type)) == judged_as
 

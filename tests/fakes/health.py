@@ -20,7 +20,7 @@ class Event:
     gpu_index: int
     gpu_uuid: str
     xid: int
-    event_type: int = EVENT_XID_CRITICAL
+    event_type: str = EVENT_XID_CRITICAL
     gi_id: int | None = None
     ci_id: int | None = None
 
@@ -83,7 +83,7 @@ def mixed_plan(inventory: Inventory) -> Plan:
 
 
 def xid(inventory: Inventory, gpu: int, code: int, gi: int | None = None,
-        ci: int | None = None, event_type: int = EVENT_XID_CRITICAL) -> Event:
+        ci: int | None = None, event_type: str = EVENT_XID_CRITICAL) -> Event:
     """An event for GPU `gpu` of the inventory."""
     uuid = inventory.gpu(gpu).uuid
     return Event(gpu, uuid, code, event_type, gi, ci)
