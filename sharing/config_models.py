@@ -248,12 +248,17 @@ class Resources(StrictModel):
 
 
 class ReplicatedResource(StrictModel):
-    """One entry of `sharing.<strategy>.resources`."""
+    """One entry of `sharing.<strategy>.resources`.
+
+    `failRequestsGreaterThanOne` here (gpushare extension) overrides the section's value for the
+    entry's resource; unset, the section's value applies.
+    """
 
     name: ResourceName
     rename: ResourceName | None = None
     devices: Devices = "all"
     replicas: StrictInt = Field(ge=2)
+    fail_requests_greater_than_one: StrictBool | None = None
 
 
 class MpsReplicatedResource(ReplicatedResource):

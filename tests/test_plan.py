@@ -564,3 +564,38 @@ def test_plan_errors(text: str, inventory: Inventory, env: dict[str, str], messa
     config = cfg(text, **env)
     with pytest.raises(PlanError, match="^" + re.escape(message)):
         build_plan(inventory, config)
+
+
+@pytest.mark.parametrize(
+    ("section", "entry", "expected"),
+    [
+        pytest.param("", "", False, id="time-slicing default"),
+        pytest.param("    failRequestsGreaterThanOne: true\n", "", True, id="section value"),
+        pytest.param(
+            "    failRequestsGreaterThanOne: true\n",
+            ", failRequestsGreaterThanOne: false",
+            False,
+            id="entry wins",
+        ),
+        pytest.param("", ", failRequestsGreaterThanOne: true", True, id="entry only"),
+    ],
+)
+def test_fail_requests_per_resource(section: str, entry: str, expected: bool) -> None:
+    plan = plan_of(shared("timeSlicing", f"{{name: gpu, replicas: 2{entry}}}", section=section))
+    assert plan.resources[0].fail_requests_greater_than_one is expected
+
+
+def test_entries_of_one_resource_must_agree_on_fail_requests() -> None:
+    text = shared(
+        "timeSlicing",
+        "{name: gpu, devices: [0, 1, 2, 3], replicas: 2, failRequestsGreaterThanOne: true}",
+        "{name: gpu, devices: [4, 5, 6, 7], replicas: 4}",
+    )
+    with pytest.raises(
+        PlanError,
+        match=re.escape(
+            "sharing.timeSlicing.resources[0] and sharing.timeSlicing.resources[1] both serve "
+            '"nvidia.com/gpu" but disagree on failRequestsGreaterThanOne'
+        ),
+    ):
+        plan_of(text)

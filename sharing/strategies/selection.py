@@ -213,9 +213,24 @@ def _shared_group(name: str, picks: list[tuple[Entry, PhysicalDevice]]) -> Resou
         original_name=first.entry.name,
         strategy=first.strategy,
         members=members,
-        fail_requests_greater_than_one=first.section.fail_requests_greater_than_one,
+        fail_requests_greater_than_one=_fail_requests(name, [e for e, _ in picks]),
         section_path=first.section_path,
     )
+
+
+def _fail_requests(name: str, group: list[Entry]) -> bool:
+    """failRequestsGreaterThanOne of a resource: the entries' value, else the section's."""
+    values: dict[bool, str] = {}
+    for entry in group:
+        own = entry.entry.fail_requests_greater_than_one
+        value = entry.section.fail_requests_greater_than_one if own is None else own
+        values.setdefault(value, entry.path)
+    if len(values) > 1:
+        raise PlanError(
+            f'{values[True]} and {values[False]} both serve "{name}" but disagree on '
+            "failRequestsGreaterThanOne; set the same value on both"
+        )
+    return next(iter(values))
 
 
 def _conflict(name: str, entry: Entry, rest: list[PhysicalDevice]) -> None:
