@@ -131,8 +131,10 @@ class HealthMonitor:
     # -- the loop (monitor thread) -------------------------------------------------------------
 
     def _run(self) -> None:
-        self._emit(self._adopt(self._tracker.plan, self._tracker.inventory))
         try:
+            out = self._adopt(self._tracker.plan, self._tracker.inventory)
+            self._current_watcher()  # registered before the first publish: no event is missed
+            self._emit(out)
             while not self._stop.is_set():
                 self._turn()
         finally:
