@@ -254,9 +254,13 @@ def _active_links(nvml: Nvml, handle: Any) -> list[str]:
             if err.code == pynvml.NVML_ERROR_INVALID_ARGUMENT:
                 break
             raise
-        if active:
+        if not active:
+            continue
+        try:
             pci = nvml.call("nvmlDeviceGetNvLinkRemotePciInfo", handle, link)
-            remotes.append(_text(pci.busId).upper())
+        except NvmlNotSupported:
+            continue
+        remotes.append(_text(pci.busId).upper())
     return remotes
 
 
