@@ -8,6 +8,7 @@ waiting in nvmlEventSetWait within a few milliseconds).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,24 @@ def inject_xid(
 ) -> int:
     """Emit an XID critical error event; returns its sequence number."""
     return inject_event(state_dir, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
+
+
+def inject_xids(
+    state_dir: Path, events: Iterable[tuple[int, int, int | None, int | None]]
+) -> int:
+    """Emit many XID events (gpu, xid, gi, ci) in one locked write, a storm; returns the last seq.
+
+    The event log keeps the newest MAX_EVENTS entries, like a bounded driver queue: a reader that
+    falls further behind than that misses the oldest.
+    """
+    seq = 0
+    with StateStore(Path(state_dir)).mutate() as state:
+        for gpu, xid, gi, ci in events:
+            gpu_state = _gpu(state, gpu)
+            if gi is not None:
+                _check_target(gpu_state, gpu, gi, ci)
+            seq = append_event(state, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
+    return seq
 
 
 def lose_gpu(
