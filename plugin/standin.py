@@ -164,6 +164,8 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
                     self._cond.notify_all()
         except grpc.RpcError as err:
             log.debug("ListAndWatch of %s ended: %s", name, err.code().name)
+        except ValueError:  # the channel was closed (a newer registration) before the call
+            log.debug("ListAndWatch of %s not opened: channel closed", name)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
