@@ -55,7 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND", required=True)
     sub.add_parser("nodes", help="list the shipped node descriptions").set_defaults(func=_nodes)
+    _add_create(sub)
+    _add_faults(sub)
+    _add_proc_and_show(sub)
 
+
+def _add_create(sub: argparse._SubParsersAction) -> None:
     create = sub.add_parser(
         "create",
         help="create a state directory from a node description",
@@ -72,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     create.set_defaults(func=_create)
 
+
+def _add_faults(sub: argparse._SubParsersAction) -> None:
     xid = sub.add_parser(
         "inject-xid",
         help="emit an XID event on a GPU or MIG device",
@@ -97,6 +104,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _gpu_arg(reset)
     reset.set_defaults(func=_reset)
 
+
+def _add_proc_and_show(sub: argparse._SubParsersAction) -> None:
     proc = sub.add_parser("proc", help="start or stop a fake compute process")
     proc.add_argument("action", choices=["start", "stop"])
     _node_arg(proc)

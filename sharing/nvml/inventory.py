@@ -150,10 +150,15 @@ def _compute_mode(nvml: Nvml, handle: Any) -> ComputeMode:
 
 
 def _pids(nvml: Nvml, handle: Any) -> tuple[int, ...]:
+    """Compute process ids; () where the driver does not list them (unsupported, no permission)."""
     try:
         procs = nvml.call("nvmlDeviceGetComputeRunningProcesses", handle)
     except NvmlNotSupported:
         return ()
+    except NvmlError as err:
+        if err.code == pynvml.NVML_ERROR_NO_PERMISSION:
+            return ()
+        raise
     return tuple(sorted(int(p.pid) for p in procs))
 
 

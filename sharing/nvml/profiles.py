@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pynvml
 
@@ -157,7 +158,7 @@ def _profiles(
 
 
 def _eight_slot(
-    key: str, name: str, pci: int, total: int, mem: tuple, sms: tuple, **kw
+    key: str, name: str, pci: int, total: int, mem: tuple, sms: tuple, **kw: Any
 ) -> CardModel:
     profiles = _profiles(_EIGHT_SLOT_SHAPES, total, mem, sms)
     return CardModel(key, name, pci, total, mig_slots=8, profiles=profiles, **kw)

@@ -194,9 +194,7 @@ def inject_xid(
     return inject_event(state_dir, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
 
 
-def inject_xids(
-    state_dir: Path, events: Iterable[tuple[int, int, int | None, int | None]]
-) -> int:
+def inject_xids(state_dir: Path, events: Iterable[tuple[int, int, int | None, int | None]]) -> int:
     """Emit many XID events (gpu, xid, gi, ci) in one locked write, a storm; returns the last seq.
 
     The event log keeps the newest MAX_EVENTS entries, like a bounded driver queue: a reader that
