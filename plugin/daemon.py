@@ -188,6 +188,7 @@ class Daemon:
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
             self._apply(*self._build(config))
+            self._add_health_monitor(config)
             self.link.start()
             if self._config_watch is not None:
                 self._config_watch.start()
@@ -307,6 +308,19 @@ class Daemon:
                 log.warning("the plan has no resources: nothing is advertised to the kubelet")
         for listener in self._listeners:
             listener(plan, inventory)
+
+    def _add_health_monitor(self, config: Any) -> None:
+        """Watch NVML events and probes; the monitor follows every applied Plan."""
+        if self.nvml is None or self.inventory is None:
+            return
+        from plugin.health_monitor import create_health_monitor
+
+        monitor = create_health_monitor(
+            nvml=self.nvml, env=self._env, health=config.health, plan=self.plan,
+            inventory=self.inventory, publish=self.set_health_overlay,
+        )
+        self.add_component(monitor)
+        self.add_plan_listener(monitor.update)
 
     def _serve(self, plan: Plan, name: str) -> None:
         """Start the server of one resource."""

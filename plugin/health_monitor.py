@@ -19,7 +19,16 @@ from typing import Protocol
 
 from sharing.devices import Inventory
 from sharing.errors import GpuLost, NvmlError
-from sharing.health import HealthSettings, HealthTracker, HealthTransition, XidEventLike, XidPolicy
+from sharing.health import (
+    ENV_DISABLE,
+    ENV_ENABLE,
+    HealthSection,
+    HealthSettings,
+    HealthTracker,
+    HealthTransition,
+    XidEventLike,
+    XidPolicy,
+)
 from sharing.plan import Plan
 
 log = logging.getLogger("gpushare.health")
@@ -264,3 +273,27 @@ class HealthMonitor:
             self._publish(self._tracker.overlay())
         except Exception:  # a failing consumer must not stop health monitoring
             log.exception("publishing the health overlay failed")
+
+
+def create_health_monitor(
+    *,
+    nvml: HealthNvml,
+    env: Mapping[str, str],
+    health: HealthSection,
+    plan: Plan,
+    inventory: Inventory,
+    publish: Publish,
+) -> HealthMonitor:
+    """The monitor for a daemon: policy from the `health:` section and DP_*_HEALTHCHECKS.
+
+    Raises:
+        ConfigError: DP_DISABLE_HEALTHCHECKS or DP_ENABLE_HEALTHCHECKS holds a bad value.
+    """
+    settings = HealthSettings.of(health)
+    policy = XidPolicy.from_lists(env.get(ENV_DISABLE), env.get(ENV_ENABLE), settings)
+    if policy.disabled:
+        log.warning("health checks disabled: XIDs and lost GPUs will not mark devices Unhealthy")
+    return HealthMonitor(
+        nvml=nvml, policy=policy, settings=settings, plan=plan, inventory=inventory,
+        publish=publish,
+    )
