@@ -7,7 +7,7 @@ import time
 import pytest
 
 from sharing.devices import ComputeMode
-from sharing.nvml import read_inventory, set_compute_mode, shipped_nodes
+from sharing.nvml import numa_reader_for, read_inventory, set_compute_mode, shipped_nodes
 from sharing.nvml.sim import lose_gpu, reset_gpu, start_process
 
 A100_40 = ("NVIDIA A100-SXM4-40GB", 40960, (8, 0), 0x20B010DE)
@@ -178,3 +178,12 @@ def test_reading_dgx_a100_takes_under_50_ms(sim_nvml) -> None:
         read_inventory(nvml)
         timings.append(time.perf_counter() - start)
     assert min(timings) < 0.050, f"read_inventory(dgx-a100) took {min(timings) * 1000:.1f} ms"
+
+
+def test_numa_nodes_come_from_the_injected_reader(sim_nvml) -> None:
+    nvml, _ = sim_nvml("dgx-a100")
+    inventory = read_inventory(
+        nvml, numa_reader=lambda bus_id: 3 if bus_id.endswith("BD:00.0") else None
+    )
+    assert [g.numa_node for g in inventory.gpus] == [None] * 7 + [3]
+    assert numa_reader_for(nvml.lib)("00000000:07:00.0") == 0

@@ -7,7 +7,14 @@ the adapter reads them from sysfs/procfs under a root directory, `/` for the rea
 state directory's `host/` for a simulated node (`host_root_for(lib)`), with the same code.
 """
 
-from sharing.nvml.adapter import Nvml, code_name, host_root_for, nvml_session, translate
+from sharing.nvml.adapter import (
+    Nvml,
+    code_name,
+    host_root_for,
+    numa_reader_for,
+    nvml_session,
+    translate,
+)
 from sharing.nvml.events import EventWatcher, XidEvent
 from sharing.nvml.host import HostFiles
 from sharing.nvml.inventory import read_inventory
@@ -66,6 +73,7 @@ __all__ = [
     "load_library",
     "memory_gb",
     "mig_mode",
+    "numa_reader_for",
     "nvml_session",
     "read_inventory",
     "set_compute_mode",

@@ -8,7 +8,7 @@ turns a missing function into `NvmlNotSupported`, and probes `_v2` variants once
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,11 @@ def host_root_for(lib: object) -> Path:
     from sharing.nvml.sim import SimNvml
 
     return lib.host_root if isinstance(lib, SimNvml) else Path("/")
+
+
+def numa_reader_for(lib: object) -> Callable[[str], int | None]:
+    """NUMA node reader (PCI bus id -> node) that goes with an NVML library object."""
+    return HostFiles(host_root_for(lib)).numa_node
 
 
 class Nvml:

@@ -8,6 +8,7 @@ or, when given, what the previous inventory knew about that index.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pynvml
@@ -34,8 +35,19 @@ PCIE_SCORES = {
 NVLINK_SCORE = 100
 
 
-def read_inventory(nvml: Nvml, previous: Inventory | None = None) -> Inventory:
-    """Read every GPU, MIG device, link and process; lost GPUs become `lost=True` entries."""
+def read_inventory(
+    nvml: Nvml,
+    previous: Inventory | None = None,
+    *,
+    numa_reader: Callable[[str], int | None] | None = None,
+) -> Inventory:
+    """Read every GPU, MIG device, link and process; lost GPUs become `lost=True` entries.
+
+    NUMA nodes come from `numa_reader(pci_bus_id)`, by default the adapter's host files (sysfs
+    under `/`, or the simulated node's `host/`). `previous` supplies what a lost GPU no longer
+    answers.
+    """
+    numa = numa_reader if numa_reader is not None else nvml.host.numa_node
     handles: list[Any] = []
     gpus: list[Gpu] = []
     for index in range(nvml.device_count()):
@@ -47,7 +59,7 @@ def read_inventory(nvml: Nvml, previous: Inventory | None = None) -> Inventory:
             gpus.append(_lost(index, str(err), known, {}))
             continue
         handles.append(handle)
-        gpus.append(_read_gpu(nvml, index, handle, known))
+        gpus.append(_read_gpu(nvml, index, handle, known, numa))
     nvlinks, scores = _topology(nvml, gpus, handles)
     return Inventory(
         gpus=tuple(gpus),
@@ -106,7 +118,9 @@ def _read_static(nvml: Nvml, handle: Any) -> tuple[dict[str, Any], bool]:
     return static, complete
 
 
-def _read_gpu(nvml: Nvml, index: int, handle: Any, known: Gpu | None) -> Gpu:
+def _read_gpu(
+    nvml: Nvml, index: int, handle: Any, known: Gpu | None, numa: Callable[[str], int | None]
+) -> Gpu:
     static, complete = _read_static(nvml, handle)
     if not complete:
         return _lost(index, "GPU is lost: it does not answer NVML queries", known, static)
@@ -120,7 +134,7 @@ def _read_gpu(nvml: Nvml, index: int, handle: Any, known: Gpu | None) -> Gpu:
         return Gpu(
             index=index,
             memory_mib=memory_mib,
-            numa_node=nvml.host.numa_node(static["pci_bus_id"]),
+            numa_node=numa(static["pci_bus_id"]),
             cuda_compute_capability=(int(major), int(minor_cc)),
             mig_capable=capable,
             mig_enabled=current,
