@@ -255,3 +255,10 @@ def test_set_mig_mode_on_non_mig_gpu_is_not_supported(sim_nvml) -> None:
     nvml, _ = sim_nvml("mixed")
     with pytest.raises(MigNotSupported, match="GPU 3"):
         set_mig_mode(nvml, 3, True)
+
+
+def test_requesting_the_current_mode_is_a_no_op_even_with_processes(sim_nvml) -> None:
+    nvml, state = sim_nvml("hgx-h100")
+    start_process(state, 0)
+    mode = set_mig_mode(nvml, 0, False)
+    assert (mode.current, mode.pending, mode.activation_status) == (False, False, 0)

@@ -133,3 +133,12 @@ def test_cli_injection_reaches_a_waiting_watcher(sim_nvml) -> None:
         event = watcher.wait(1000)
     assert event is not None
     assert (event.gpu_index, event.xid, event.gi_id, event.ci_id) == (1, 63, 2, 0)
+
+
+def test_gpu_instance_event_without_compute_instance(sim_nvml) -> None:
+    nvml, state = sim_nvml("mixed")
+    with nvml.event_watcher([1]) as watcher:
+        inject_xid(state, 1, 43, gi=2)
+        event = watcher.wait(1000)
+    assert event is not None
+    assert (event.gi_id, event.ci_id) == (2, None)

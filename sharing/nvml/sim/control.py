@@ -156,6 +156,8 @@ def _check_target(
     if not gpu_state["mig_current"]:
         raise error(f"{prefix}GPU {gpu} is not in MIG mode: it has no MIG device {gi}:{ci}")
     existing = [f"{g['id']}:{c['id']}" for g, c in engine.mig_devices(gpu_state)]
+    if ci is None and any(g["id"] == gi for g in gpu_state["gis"]):
+        return
     if f"{gi}:{ci}" not in existing:
         raise error(
             f"{prefix}GPU {gpu} has no MIG device {gi}:{ci} (has: {', '.join(existing) or 'none'})"

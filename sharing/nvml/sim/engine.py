@@ -176,14 +176,15 @@ def set_mig_mode(card: CardModel, gpu: GpuState, mode: int) -> int:
         fail(pynvml.NVML_ERROR_NOT_SUPPORTED)
     if mode not in (pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_ENABLE):
         fail(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+    if gpu["mig_current"] == mode and gpu["mig_pending"] == mode:
+        return pynvml.NVML_SUCCESS
     if gpu["procs"]:
         if not card.mig_needs_reset:
             fail(pynvml.NVML_ERROR_IN_USE)
         gpu["mig_pending"] = mode
         return pynvml.NVML_ERROR_IN_USE
-    if gpu["mig_current"] != mode or gpu["mig_pending"] != mode:
-        gpu["mig_current"] = gpu["mig_pending"] = mode
-        gpu["gis"] = []
+    gpu["mig_current"] = gpu["mig_pending"] = mode
+    gpu["gis"] = []
     return pynvml.NVML_SUCCESS
 
 

@@ -51,7 +51,8 @@ def show(state_dir: Path) -> str:
         )
         for gi in gpu["gis"]:
             profile = card.profile_by_id(gi["profile_id"])
-            slots = f"{gi['start']}-{gi['start'] + profile.size - 1}"
+            end = gi["start"] + profile.size - 1
+            slots = str(gi["start"]) if end == gi["start"] else f"{gi['start']}-{end}"
             if not gi["cis"]:
                 lines.append(f"    GI {gi['id']:<2} {profile.name:<10} slots {slots}  (no CI)")
             for ci in gi["cis"]:
