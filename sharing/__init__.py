@@ -1,1 +1,4 @@
-"""gpushare domain: inventory, config, plan, strategies, allocation, health. No gRPC, no processes."""
+"""gpushare domain: inventory, config, plan, strategies, allocation, health.
+
+No gRPC and no processes here; NVML is reached only through sharing.nvml.
+"""

@@ -152,7 +152,7 @@ class VirtualDeviceId:
 
 
 def strip_replicas(ids: list[str] | tuple[str, ...]) -> list[str]:
-    """Physical IDs of the given device IDs, replica suffixes removed, duplicates dropped, order kept."""
+    """Physical IDs of the given IDs: replica suffixes removed, duplicates dropped, order kept."""
     seen: dict[str, None] = {}
     for text in ids:
         seen.setdefault(text.partition(REPLICA_SEPARATOR)[0], None)

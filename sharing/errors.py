@@ -8,7 +8,7 @@ class SharingError(Exception):
 
 
 class ConfigError(SharingError):
-    """A config file or flag is invalid; the message names file, field path, value and what is allowed."""
+    """A config file or flag is invalid; the message names file, field, value and what is valid."""
 
 
 class PlanError(SharingError):
