@@ -57,6 +57,8 @@ def allocate_latency(calls: int) -> list[Figure]:
             ids = node.kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
             one = convert.to_pb_allocate_request([[ids[0]]])
             eight = convert.to_pb_allocate_request([ids[:8]])
+            if label == "envvar":
+                figures.append(_transport_floor(stub, calls))
             for size, request in (("1 device", one), ("8 replicas", eight)):
                 call = partial(stub.Allocate, request, timeout=5)
                 _timed(call, 200)  # warm-up
@@ -68,6 +70,16 @@ def allocate_latency(calls: int) -> list[Figure]:
                     )
                 )  # fmt: skip
     return figures
+
+
+def _transport_floor(stub: object, calls: int) -> Figure:
+    """GetDevicePluginOptions on the same socket: the gRPC round trip with no work in it."""
+    call = partial(stub.GetDevicePluginOptions, convert.empty(), timeout=5)  # type: ignore[attr-defined]
+    _timed(call, 200)
+    return Figure.from_samples(
+        "empty RPC on the same socket (transport floor)", f"{NODE} ts x8", "ms",
+        _timed(call, calls),
+    )  # fmt: skip
 
 
 def preferred(runs: int) -> list[Figure]:
