@@ -51,10 +51,8 @@ def allocate_latency(calls: int) -> list[Figure]:
     figures = []
     for label, strategies in (("envvar", "envvar"), ("CDI", "cdi-annotations, cdi-cri")):
         with DaemonUnderTest(NODE, ts_config(8, strategies)) as node:
-            node.spawn()
-            node.wait_registered([GPU])
             stub = node.stub("gpu")
-            ids = node.kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
+            ids = node.serve([GPU]).latest(GPU).healthy_ids  # type: ignore[union-attr]
             one = convert.to_pb_allocate_request([[ids[0]]])
             eight = convert.to_pb_allocate_request([ids[:8]])
             if label == "envvar":
@@ -132,10 +130,7 @@ def health_propagation(runs: int) -> list[Figure]:
     health = "health:\n  recoveryQuietPeriod: 100ms\n  probeInterval: 50ms\n"
     samples = []
     with DaemonUnderTest(NODE, ts_config(4, extra=health)) as node:
-        node.spawn()
-        node.wait_registered([GPU])
-        kubelet = node.kubelet
-        assert kubelet is not None
+        kubelet = node.serve([GPU])
         for run in range(runs):
             gpu = run % 8
             replicas = _replica_ids(node, gpu)
@@ -158,10 +153,7 @@ def reregistration(runs: int) -> list[Figure]:
     """Kubelet restart (sockets wiped, kubelet.sock re-created) -> Register received."""
     samples = []
     with DaemonUnderTest(NODE, ts_config(8)) as node:
-        node.spawn()
-        node.wait_registered([GPU])
-        kubelet = node.kubelet
-        assert kubelet is not None
+        kubelet = node.serve([GPU])
         for _ in range(runs):
             before = len(kubelet.registrations_of(GPU))
             kubelet.restart()
@@ -195,13 +187,12 @@ def cold_start(runs: int) -> list[Figure]:
 def resident_memory(calls: int) -> list[Figure]:
     """Daemon RSS after start and after `calls` Allocate calls."""
     with DaemonUnderTest(NODE, ts_config(8)) as node:
-        node.spawn()
-        node.wait_registered([GPU])
+        kubelet = node.serve([GPU])
         process = psutil.Process(node.pid)
         time.sleep(0.5)
         after_start = process.memory_info().rss / 2**20
         stub = node.stub("gpu")
-        ids = node.kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
+        ids = kubelet.latest(GPU).healthy_ids  # type: ignore[union-attr]
         requests = [convert.to_pb_allocate_request([[i]]) for i in ids]
         for n in range(calls):
             stub.Allocate(requests[n % len(requests)], timeout=5)
@@ -224,10 +215,7 @@ def config_reload(runs: int) -> list[Figure]:
     """Config file changed -> new device list received by the kubelet stand-in."""
     samples = []
     with DaemonUnderTest(NODE, ts_config(4)) as node:
-        node.spawn()
-        node.wait_registered([GPU])
-        kubelet = node.kubelet
-        assert kubelet is not None
+        kubelet = node.serve([GPU])
         for run in range(runs):
             replicas = 8 if run % 2 == 0 else 4
             t0 = time.monotonic()

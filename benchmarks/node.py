@@ -69,6 +69,13 @@ class DaemonUnderTest:
             ) from None
         return max(self.kubelet.registrations_of(r)[-1].at for r in resources)
 
+    def serve(self, resources: list[str]) -> KubeletStandIn:
+        """Spawn the daemon, wait for every resource to register; returns the stand-in."""
+        self.spawn()
+        self.wait_registered(resources)
+        assert self.kubelet is not None
+        return self.kubelet
+
     def stub(self, resource_suffix: str) -> pb_grpc.DevicePluginStub:
         """A client of the plugin server, like the kubelet's connection to it."""
         channel = grpc.insecure_channel(f"unix://{self.kubelet_dir}/gpushare-{resource_suffix}.sock")
