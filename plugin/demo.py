@@ -117,7 +117,7 @@ def show_allocation(ctx: DemoContext) -> None:
 
 def show_fault(ctx: DemoContext) -> None:
     """Step 3: an XID on one GPU, and every replica of that GPU turning Unhealthy."""
-    from sharing.nvml.sim import inject_xid
+    from sharing.nvml.sim import lose_gpu
 
     name = ctx.daemon.plan.resources[0].name
     device = ctx.daemon.plan.resources[0].devices[-1]
@@ -126,7 +126,7 @@ def show_fault(ctx: DemoContext) -> None:
     ctx.say()
     ctx.say(f"Fault: XID {FAULT_XID} (GPU fell off the bus) injected on GPU {gpu_index} "
             f"({gpu_uuid}) in the simulator.")
-    inject_xid(ctx.sim_state, gpu_index, FAULT_XID)
+    lose_gpu(ctx.sim_state, gpu_index, FAULT_XID)
     if not _has_health_monitor(ctx.daemon):
         ctx.say("    (this build runs no health monitor: publishing the overlay it would publish)")
         ctx.daemon.set_health_overlay({gpu_uuid: f"XID {FAULT_XID}"})
@@ -139,13 +139,28 @@ def show_fault(ctx: DemoContext) -> None:
             "holding one keep it until they end.")
 
 
+def show_recovery(ctx: DemoContext) -> None:
+    """Step 4: the faulted GPU is reset and its replicas come back without a restart."""
+    from sharing.nvml.sim import reset_gpu
+
+    name = ctx.daemon.plan.resources[0].name
+    gpu_index = ctx.daemon.plan.resources[0].devices[-1].gpu_index
+    ctx.say()
+    ctx.say(f"Recovery: GPU {gpu_index} is reset (as `gpushare sim reset`); XID {FAULT_XID} "
+            "needs a reset, so only a GPU seen again after one is trusted.")
+    reset_gpu(ctx.sim_state, gpu_index)
+    latest = ctx.kubelet.wait_for_list(name, lambda d: not d.unhealthy_ids, WAIT_S)
+    ctx.say(f"    the kubelet's next list: {len(latest.healthy_ids)} of {len(latest.devices)} "
+            "Healthy, with no daemon restart.")
+
+
 def _has_health_monitor(daemon: Daemon) -> bool:
     """Whether a health monitor runs among the daemon's background components."""
     return any(type(c).__name__ == "HealthMonitor" for c in daemon.components)
 
 
 def show_shutdown(ctx: DemoContext) -> None:
-    """Step 4: a clean stop removes the daemon's sockets."""
+    """Step 5: a clean stop removes the daemon's sockets."""
     sockets = sorted(ctx.daemon.socket_names().values())
     ctx.daemon.stop()
     left = [s for s in sockets if (ctx.kubelet.kubelet_dir / s).exists()]
@@ -153,7 +168,9 @@ def show_shutdown(ctx: DemoContext) -> None:
     ctx.say(f"Stop (as on SIGTERM): {', '.join(sockets)} removed; left behind: {left or 'none'}.")
 
 
-STEPS: list[Step] = [show_registration, show_allocation, show_fault, show_shutdown]
+STEPS: list[Step] = [
+    show_registration, show_allocation, show_fault, show_recovery, show_shutdown,
+]
 
 
 def run_demo(

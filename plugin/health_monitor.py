@@ -36,6 +36,7 @@ log = logging.getLogger("gpushare.health")
 DEFAULT_WAIT_TIMEOUT_MS = 50
 MAX_BATCH = 1000  # events applied per turn before the overlay is published
 WATCHER_RETRY_S = 1.0
+LOST_PROBE_INTERVAL_S = 1.0  # a GPU that stopped answering is probed this often, to see a reset
 
 
 class EventWatcher(Protocol):
@@ -102,6 +103,7 @@ class HealthMonitor:
         self._watched: tuple[int, ...] | None = None
         self._watcher_retry_at = 0.0
         self._next_probe_at = 0.0
+        self._next_lost_probe_at = 0.0
         self._candidate_probed_at: dict[str, float] = {}
         self._published_version = -1
         self._counts = {"events": 0, "batches": 0, "publishes": 0, "probes": 0, "transitions": 0}
@@ -158,9 +160,11 @@ class HealthMonitor:
         if batch:
             self._counts["events"] += len(batch)
             self._counts["batches"] += 1
-            out += self._tracker.on_events(batch, now)
+            out += self._probe_faulted(self._tracker.on_events(batch, now), now)
         if now >= self._next_probe_at:
             out += self._probe_all(now)
+        elif now >= self._next_lost_probe_at:
+            out += self._probe_lost(now)
         out += self._recover(now)
         self._emit(out)
 
@@ -239,9 +243,30 @@ class HealthMonitor:
     def _probe_all(self, now: float) -> list[HealthTransition]:
         """The scheduled probe of every GPU: catches a GPU that fell off without an event."""
         self._next_probe_at = now + self._probe_interval_s
+        self._next_lost_probe_at = now + min(LOST_PROBE_INTERVAL_S, self._probe_interval_s)
         out: list[HealthTransition] = []
         for gpu in self._tracker.inventory.gpus:
             out += self._probe(gpu.uuid, gpu.index, now)
+        return out
+
+    def _probe_faulted(
+        self, transitions: list[HealthTransition], now: float
+    ) -> list[HealthTransition]:
+        """Probe each GPU an event just marked: a GPU that fell off the bus shows as lost now."""
+        out = list(transitions)
+        for uuid in dict.fromkeys(t.gpu_uuid for t in transitions if not t.healthy):
+            gpu = self._tracker.inventory.gpu_by_uuid(uuid)
+            if gpu is not None and not self._tracker.gpu_unanswering(uuid):
+                out += self._probe(uuid, gpu.index, now)
+        return out
+
+    def _probe_lost(self, now: float) -> list[HealthTransition]:
+        """Probe GPUs that stopped answering more often than the rest: a reset shows promptly."""
+        self._next_lost_probe_at = now + min(LOST_PROBE_INTERVAL_S, self._probe_interval_s)
+        out: list[HealthTransition] = []
+        for gpu in self._tracker.inventory.gpus:
+            if self._tracker.gpu_unanswering(gpu.uuid):
+                out += self._probe(gpu.uuid, gpu.index, now)
         return out
 
     def _recover(self, now: float) -> list[HealthTransition]:

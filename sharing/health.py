@@ -267,11 +267,12 @@ class HealthTransition:
 
     key: str
     healthy: bool
-    reason: str  # why it is unhealthy now, or why it recovered
+    reason: str  # why it is unhealthy now ("" when healthy)
     affected: int  # virtual devices whose health this key decides
     gpu_index: int | None = None
     gpu_uuid: str = ""
     xid: int | None = None
+    cleared: str = ""  # what stopped counting against it, and why
 
     @property
     def message(self) -> str:
@@ -281,9 +282,13 @@ class HealthTransition:
         else:
             gpu = f"gpu {self.gpu_index} ({self.gpu_uuid})"
             subject = gpu if self.key == self.gpu_uuid else f"MIG device {self.key} on {gpu}"
-        state = "healthy again" if self.healthy else "unhealthy"
         noun = "virtual device" if self.affected == 1 else "virtual devices"
-        return f"{subject} {state}: {self.reason}; {self.affected} {noun} affected"
+        count = f"{self.affected} {noun} affected"
+        if self.healthy:
+            return f"{subject} healthy again: {self.cleared}; {count}"
+        if self.cleared:
+            return f"{subject} still unhealthy: {self.reason} ({self.cleared}); {count}"
+        return f"{subject} unhealthy: {self.reason}; {count}"
 
 
 @dataclass
@@ -334,8 +339,7 @@ class HealthTracker:
         ]
         out: list[HealthTransition] = []
         for key in gone:
-            for cause in list(self._faults.get(key, {})):
-                out += self._clear(key, cause, "MIG device no longer exists")
+            out += self._clear(key, tuple(self._faults[key]), "MIG device no longer exists")
         return out
 
     # -- events -----------------------------------------------------------------------------
@@ -396,11 +400,9 @@ class HealthTracker:
         probe.unanswering, probe.last_ok_at = False, now
         out: list[HealthTransition] = []
         for key, faults in list(self._faults.items()):
-            for cause in ("lost", "reset"):
-                fault = faults.get(cause)
-                if fault is not None and fault.gpu_uuid == gpu_uuid:
-                    why = "answers NVML again" if cause == "lost" else "seen again after a reset"
-                    out += self._clear(key, cause, why)
+            causes = tuple(c for c in ("lost", "reset") if c in faults)
+            if causes and faults[causes[0]].gpu_uuid == gpu_uuid:
+                out += self._clear(key, causes, "seen again after a reset")
         return out
 
     def gpu_unanswering(self, gpu_uuid: str) -> bool:
@@ -420,7 +422,7 @@ class HealthTracker:
 
     def on_mps_up(self, resource: str) -> list[HealthTransition]:
         """The MPS daemon of `resource` answers again."""
-        return self._clear(mps_key(resource), "mps", "MPS daemon answers again")
+        return self._clear(mps_key(resource), ("mps",), "MPS daemon answers again")
 
     # -- time -------------------------------------------------------------------------------
 
@@ -456,25 +458,27 @@ class HealthTracker:
             if probe.last_ok_at < fault.last_event_at:
                 continue
             quiet = f"no critical XID for {self.quiet_period_s:g}s and the GPU answers NVML"
-            out += self._clear(key, "xid", quiet)
+            out += self._clear(key, ("xid",), quiet)
         return out
 
     # -- internals --------------------------------------------------------------------------
 
     def _set(self, key: str, fault: _Fault) -> list[HealthTransition]:
         self._faults.setdefault(key, {})[fault.cause] = fault
-        return self._refresh(key, fault, fault.reason)
+        return self._refresh(key, fault, "")
 
-    def _clear(self, key: str, cause: Cause, why: str) -> list[HealthTransition]:
+    def _clear(self, key: str, causes: tuple[Cause, ...], why: str) -> list[HealthTransition]:
+        """Remove faults of these causes from a key, as one transition."""
         faults = self._faults.get(key, {})
-        fault = faults.pop(cause, None)
-        if fault is None:
+        gone = [f for c in causes if (f := faults.pop(c, None)) is not None]
+        if not gone:
             return []
         if not faults:
-            del self._faults[key]
-        return self._refresh(key, fault, f"{fault.reason} cleared: {why}")
+            self._faults.pop(key, None)
+        cleared = " and ".join(f.reason for f in gone) + f" cleared: {why}"
+        return self._refresh(key, gone[0], cleared)
 
-    def _refresh(self, key: str, fault: _Fault, why: str) -> list[HealthTransition]:
+    def _refresh(self, key: str, fault: _Fault, cleared: str) -> list[HealthTransition]:
         faults = self._faults.get(key, {})
         reason = "; ".join(faults[c].reason for c in _CAUSE_ORDER if c in faults)
         before = self._overlay.get(key)
@@ -485,14 +489,14 @@ class HealthTracker:
         if before == (reason or None):
             return []
         self.version += 1
-        return [
-            HealthTransition(
-                key=key,
-                healthy=not reason,
-                reason=reason or why,
-                affected=affected_devices(self.plan, key),
-                gpu_index=fault.gpu_index,
-                gpu_uuid=fault.gpu_uuid,
-                xid=fault.xid,
-            )
-        ]
+        transition = HealthTransition(
+            key=key,
+            healthy=not reason,
+            reason=reason,
+            affected=affected_devices(self.plan, key),
+            gpu_index=fault.gpu_index,
+            gpu_uuid=fault.gpu_uuid,
+            xid=fault.xid,
+            cleared=cleared,
+        )
+        return [transition]

@@ -224,9 +224,11 @@ def test_reset_class_xid_needs_a_reset() -> None:
     lost = t.on_probe(GPU3, False, 10 * QUIET_S + 1, "GPU_IS_LOST")
     assert [tr.healthy for tr in lost] == [False]
     assert t.on_probe(GPU3, False, 10 * QUIET_S + 2) == []  # logged once
-    back = t.on_probe(GPU3, True, 10 * QUIET_S + 3)
-    assert [tr.healthy for tr in back] == [False, True]  # lost cleared, then reset fault cleared
-    assert "seen again after a reset" in back[-1].message
+    (back,) = t.on_probe(GPU3, True, 10 * QUIET_S + 3)
+    assert back.message == (
+        f"gpu 3 ({GPU3}) healthy again: GPU lost: GPU_IS_LOST and XID 79 (GPU has fallen off "
+        "the bus), reset required cleared: seen again after a reset; 4 virtual devices affected"
+    )
     assert dict(t.overlay()) == {}
 
 
@@ -239,6 +241,19 @@ def test_gpu_reset_clears_reset_faults_of_its_mig_devices() -> None:
     cleared = t.on_gpu_reset(INV.gpu(MIG_GPU).uuid, 1.0)
     assert [tr.key for tr in cleared] == [MIGS[0].uuid]
     assert set(t.overlay()) == {MIGS[1].uuid, GPU3}
+
+
+def test_partial_clear_is_logged_as_still_unhealthy() -> None:
+    """A lost GPU that answers again keeps its recoverable XID until the quiet period ends."""
+    t = tracker()
+    t.on_event(xid(INV, 3, 94), 0.0)
+    t.on_probe(GPU3, False, 1.0, "GPU_IS_LOST")
+    (tr,) = t.on_probe(GPU3, True, 2.0)
+    assert not tr.healthy
+    assert tr.message == (
+        f"gpu 3 ({GPU3}) still unhealthy: XID 94 (contained ECC error) (GPU lost: GPU_IS_LOST "
+        "cleared: seen again after a reset); 4 virtual devices affected"
+    )
 
 
 def test_mps_up_clears_mps_down() -> None:

@@ -138,6 +138,18 @@ def test_reset_class_xid_waits_for_reset(monitor: Start) -> None:
     published.wait_for(lambda o: not o)
 
 
+def test_lost_gpu_is_seen_at_once_and_its_reset_within_a_second(monitor: Start) -> None:
+    """With the default 10 s probe: XID 79 triggers a probe, and a lost GPU is re-probed often."""
+    _, published, nvml, state = monitor()
+    gpu = uuid_of(nvml, 2)
+    lose_gpu(state, 2)
+    published.wait_for(lambda o: "GPU lost" in o.get(gpu, ""))
+    reset_at = time.monotonic()
+    reset_gpu(state, 2)
+    published.wait_for(lambda o: not o)
+    assert time.monotonic() - reset_at < 2.0
+
+
 def test_gpu_lost_without_event_is_caught_by_probe(monitor: Start) -> None:
     """A GPU that falls off the bus without any event is marked by the scheduled probe."""
     _, published, nvml, state = monitor(probe_s=0.05)
