@@ -119,19 +119,17 @@ def run_command(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     path = config_path(args.config, env)
     try:
-        lib = nvml.load_library(args.node)
         daemon = Daemon(
             config_path=Path(path) if path else None,
             kubelet_dir=args.kubelet_dir,
-            nvml_lib=lib,
+            nvml_lib=nvml.load_library(args.node),
             env=env,
             overrides=overrides_from_args(args),
         )
-        daemon.start()
+        return daemon.run_forever()
     except (SharingError, OSError) as err:
         print(f"gpushare run: {err}", file=sys.stderr)
         return EXIT_ERROR
-    return daemon.run_forever()
 
 
 def demo_command(args: argparse.Namespace) -> int:

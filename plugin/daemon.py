@@ -28,6 +28,8 @@ from sharing.plan import Plan
 
 log = logging.getLogger("gpushare.daemon")
 
+SIGNAL_CHECK_S = 0.1  # how often run_forever lets pending signal handlers run
+
 
 class Component(Protocol):
     """A background part the daemon starts after its servers and stops before them."""
@@ -225,11 +227,19 @@ class Daemon:
         self._wake.set()
 
     def run_forever(self) -> int:
-        """Serve until SIGTERM or SIGINT (clean stop), reloading on SIGHUP; returns 0."""
+        """Start if needed, then serve until SIGTERM or SIGINT (clean stop); SIGHUP reloads.
+
+        The signal handlers are installed before starting, so a SIGTERM that arrives while the
+        daemon starts still ends in a clean stop. Returns 0; start() errors propagate.
+        """
         previous = _install_signals(self)
         try:
+            if not self._started:
+                self.start()
             while not self._stop_requested:
-                self._wake.wait()
+                # A signal may land on any thread; Python runs its handler on the main thread
+                # only once that thread runs bytecode again, so never block without a timeout.
+                self._wake.wait(SIGNAL_CHECK_S)
                 self._wake.clear()
                 if self._reload_requested and not self._stop_requested:
                     self._reload_requested = False

@@ -223,14 +223,17 @@ def test_sigterm_stops_cleanly_and_removes_sockets(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     try:
-        kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"], timeout_s=20)
+        kubelet.wait_for(
+            lambda: kubelet.resources() == ["nvidia.com/gpu"] or process.poll() is not None,
+            timeout_s=20,
+        )
         assert (kubelet_dir / "gpushare-gpu.sock").exists()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=10)
     finally:
         if process.poll() is None:
-            process.kill()
-            process.communicate()
+            process.send_signal(signal.SIGTERM)
+            print(process.communicate(timeout=10)[0])
     assert process.returncode == 0, output
     assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
     assert "registered nvidia.com/gpu" in output
