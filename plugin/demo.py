@@ -81,6 +81,8 @@ def show_registration(ctx: DemoContext) -> None:
     """Step 1: the resources the kubelet registered and the device lists it received."""
     names = ctx.daemon.plan.names
     ctx.kubelet.wait_for(lambda: set(names) <= set(ctx.kubelet.resources()), WAIT_S)
+    if not ctx.daemon.link.wait_registered(WAIT_S):
+        raise TimeoutError(f"not every resource registered within {WAIT_S}s")
     ctx.say()
     ctx.say("The kubelet stand-in received these registrations and device lists:")
     ctx.say(f"    {'resource':<28} {'socket':<30} {'devices':>7} {'healthy':>7}")
@@ -127,9 +129,6 @@ def show_fault(ctx: DemoContext) -> None:
     ctx.say(f"Fault: XID {FAULT_XID} (GPU fell off the bus) injected on GPU {gpu_index} "
             f"({gpu_uuid}) in the simulator.")
     lose_gpu(ctx.sim_state, gpu_index, FAULT_XID)
-    if not _has_health_monitor(ctx.daemon):
-        ctx.say("    (this build runs no health monitor: publishing the overlay it would publish)")
-        ctx.daemon.set_health_overlay({gpu_uuid: f"XID {FAULT_XID}"})
     latest = ctx.kubelet.wait_for_list(
         name, lambda d: set(siblings) <= set(d.unhealthy_ids), WAIT_S
     )
@@ -152,11 +151,6 @@ def show_recovery(ctx: DemoContext) -> None:
     latest = ctx.kubelet.wait_for_list(name, lambda d: not d.unhealthy_ids, WAIT_S)
     ctx.say(f"    the kubelet's next list: {len(latest.healthy_ids)} of {len(latest.devices)} "
             "Healthy, with no daemon restart.")
-
-
-def _has_health_monitor(daemon: Daemon) -> bool:
-    """Whether a health monitor runs among the daemon's background components."""
-    return any(type(c).__name__ == "HealthMonitor" for c in daemon.components)
 
 
 def show_shutdown(ctx: DemoContext) -> None:

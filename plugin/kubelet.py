@@ -109,7 +109,7 @@ class KubeletLink:
         self._register_timeout_s = register_timeout_s
         self._pending: set[str] = set()
         self._retry_at: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kubelet: tuple[int, int] | None = None
@@ -127,6 +127,12 @@ class KubeletLink:
         """Stop trying to register these resources (they are no longer served)."""
         with self._lock:
             self._pending.difference_update(names)
+            self._lock.notify_all()
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        """Wait until every served resource is registered; False when time ran out."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._pending, timeout=timeout_s)
 
     def start(self) -> None:
         """Start the watch thread; every resource then served is registered."""
@@ -190,8 +196,9 @@ class KubeletLink:
                 with self._lock:
                     self._retry_at[name] = time.monotonic() + self._retry_s
                 continue
+            log.info("registered %s (%s) with the kubelet", name, sockets[name])
             with self._lock:
                 self._pending.discard(name)
                 self._retry_at.pop(name, None)
-            self.registrations += 1
-            log.info("registered %s (%s) with the kubelet", name, sockets[name])
+                self.registrations += 1
+                self._lock.notify_all()
