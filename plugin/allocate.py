@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sharing.allocation import validate_allocate
+from sharing.mps import MpsPaths, pinned_mem_env
 from sharing.plan import ResourcePlan, ServeOptions, VirtualDevice
 
 CONTROL_DEVICE_NODES = (
@@ -70,7 +71,7 @@ def _host_path(dev_root: str, path: str) -> str:
 
 def mps_container_pipe_dir(resource_name: str) -> str:
     """Where a container of this MPS resource finds the control daemon's pipes."""
-    return posixpath.join(MPS_CONTAINER_ROOT, resource_name, "pipe")
+    return MpsPaths(MPS_CONTAINER_ROOT).pipe_dir(resource_name)
 
 
 class ResourceAllocator:
@@ -182,10 +183,12 @@ class ResourceAllocator:
     def _pinned_limits(self, devices: Sequence[VirtualDevice]) -> str:
         """`<ordinal>=<MiB>M,...` for the allocation's GPUs, numbered as the container sees them."""
         indices = sorted({d.gpu_index for d in devices})
-        return ",".join(
-            f"{ordinal}={self._mps_limits[index]}M"
-            for ordinal, index in enumerate(indices)
-            if index in self._mps_limits
+        return pinned_mem_env(
+            tuple(
+                (ordinal, self._mps_limits[index])
+                for ordinal, index in enumerate(indices)
+                if index in self._mps_limits
+            )
         )
 
 

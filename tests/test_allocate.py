@@ -174,8 +174,8 @@ def mps_resource() -> ResourcePlan:
     spec = MpsSpec(
         resource="nvidia.com/gpu", gpu_indices=(0, 1, 2), gpu_uuids=(G0, G1, G2),
         active_thread_percentage=50, pinned_mem_limit_mib=((0, 20480), (1, 20480), (2, 10240)),
-        max_clients_per_gpu=48, pipe_dir="/run/nvidia/mps/nvidia.com/gpu/pipe",
-        log_dir="/run/nvidia/mps/nvidia.com/gpu/log", shm_dir="/run/nvidia/mps/shm",
+        max_clients_per_gpu=48, pipe_dir="/run/nvidia/mps/gpu/pipe",
+        log_dir="/run/nvidia/mps/gpu/log", shm_dir="/run/nvidia/mps/shm",
     )
     return shared(strategy="mps", mps=spec, fail_requests_greater_than_one=False)
 
@@ -185,12 +185,12 @@ def test_mps_envs_and_mounts() -> None:
     got = allocate(mps_resource(), [f"{G2}::0", f"{G1}::1"])
     assert got.envs == {
         "NVIDIA_VISIBLE_DEVICES": f"{G2},{G1}",
-        "CUDA_MPS_PIPE_DIRECTORY": "/mps/nvidia.com/gpu/pipe",
+        "CUDA_MPS_PIPE_DIRECTORY": "/mps/gpu/pipe",
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50",
         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=20480M,1=10240M",
     }
     assert got.mounts == (
-        MountSpec("/mps/nvidia.com/gpu/pipe", "/run/nvidia/mps/nvidia.com/gpu/pipe"),
+        MountSpec("/mps/gpu/pipe", "/run/nvidia/mps/gpu/pipe"),
         MountSpec("/dev/shm", "/run/nvidia/mps/shm"),
     )
 

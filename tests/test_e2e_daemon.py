@@ -237,3 +237,28 @@ def test_sigterm_stops_cleanly_and_removes_sockets(
     assert process.returncode == 0, output
     assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
     assert "registered nvidia.com/gpu" in output
+
+
+def test_mps_allocation_and_oversize_request(
+    start_daemon: StartDaemon, kubelet: FakeKubelet
+) -> None:
+    """MPS: one replica gets the pipe directory, limits and mounts; two are refused (facts §3)."""
+    daemon = start_daemon((COMPAT / "mps.yaml").read_text(), mps_root="/run/nvidia/mps")
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    got = kubelet.allocate("nvidia.com/gpu", 1).response.container_responses[0]
+    spec = daemon.plan.resources[0].mps
+    assert spec is not None
+    assert got.envs["CUDA_MPS_PIPE_DIRECTORY"] == "/mps/gpu/pipe"
+    assert got.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "10"
+    assert got.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] == f"0={spec.pinned_mem_limit_mib[0][1]}M"
+    assert [(m.container_path, m.host_path) for m in got.mounts] == [
+        ("/mps/gpu/pipe", spec.pipe_dir), ("/dev/shm", spec.shm_dir),
+    ]
+    ids = [d.id for d in daemon.plan.resources[0].devices[:2]]
+    with pytest.raises(grpc.RpcError) as info:
+        kubelet.allocate_ids("nvidia.com/gpu", [ids])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        'invalid allocation request for "nvidia.com/gpu": invalid request: '
+        "maximum request size for shared resources is 1; found 2"
+    )
