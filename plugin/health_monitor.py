@@ -111,9 +111,14 @@ class HealthMonitor:
     # -- control (any thread) ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the monitor thread; the first turn probes every GPU and publishes."""
+        """Register NVML events and publish the initial overlay now, then start the thread.
+
+        Events are registered before this returns, so no fault after start() is missed.
+        """
         if self._thread is not None:
             return
+        self._emit(self._adopt(self._tracker.plan, self._tracker.inventory))
+        self._current_watcher()
         self._thread = threading.Thread(target=self._run, name="gpushare-health", daemon=True)
         self._thread.start()
 
@@ -143,9 +148,6 @@ class HealthMonitor:
 
     def _run(self) -> None:
         try:
-            out = self._adopt(self._tracker.plan, self._tracker.inventory)
-            self._current_watcher()  # registered before the first publish: no event is missed
-            self._emit(out)
             while not self._stop.is_set():
                 self._turn()
         finally:
