@@ -180,6 +180,11 @@ class Daemon:
             NvmlError: NVML cannot be used and failOnInitError is on.
             OSError: a socket cannot be bound.
         """
+        if not self.kubelet_dir.is_dir():
+            raise FileNotFoundError(
+                f"kubelet directory {self.kubelet_dir} does not exist (is the kubelet's "
+                "device-plugins directory mounted? see --kubelet-dir)"
+            )
         config = self._load_config()
         self.config = config
         try:

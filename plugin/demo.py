@@ -185,7 +185,7 @@ def run_demo(
 
 def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
     from sharing import nvml
-    from sharing.nvml.sim import create_state
+    from sharing.nvml.sim import create_state, is_state_dir
 
     kubelet_dir = workdir / "kubelet"
     kubelet_dir.mkdir()
@@ -197,8 +197,9 @@ def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
         print(f"    {line}", file=out)
     print(file=out)
     try:
-        sim_state = workdir / "node"
-        create_state(node, sim_state)
+        sim_state = Path(node)
+        if not is_state_dir(sim_state):
+            sim_state = create_state(node, workdir / "node")
         kubelet = KubeletStandIn(kubelet_dir)
         daemon = Daemon(config_path=config_path, kubelet_dir=kubelet_dir,
                         nvml_lib=nvml.load_library(str(sim_state)), env={}, overrides={})

@@ -175,7 +175,11 @@ class PluginServer:
                 )
             )
             pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
-            if server.add_insecure_port(f"unix://{self.socket_path}") == 0:
+            try:
+                bound = server.add_insecure_port(f"unix://{self.socket_path}")
+            except RuntimeError as err:
+                raise OSError(f"cannot bind {self.socket_path}: {err}") from err
+            if bound == 0:
                 raise OSError(f"cannot bind {self.socket_path}")
             server.start()
             self._server = server
