@@ -328,14 +328,19 @@ class Daemon:
         """Watch NVML events and probes; the monitor follows every applied Plan."""
         if self.nvml is None or self.inventory is None:
             return
-        from plugin.health_monitor import create_health_monitor
+        from plugin.health_monitor import create_health_monitor, health_policy
 
         monitor = create_health_monitor(
             nvml=self.nvml, env=self._env, health=config.health, plan=self.plan,
             inventory=self.inventory, publish=self.set_health_overlay,
         )
+
+        def follow(plan: Plan, inventory: Inventory) -> None:
+            monitor.configure(*health_policy(self._env, self.config.health))
+            monitor.update(plan, inventory)
+
         self.add_component(monitor)
-        self.add_plan_listener(monitor.update)
+        self.add_plan_listener(follow)
 
     def _serve(self, plan: Plan, name: str) -> None:
         """Start the server of one resource."""

@@ -132,6 +132,10 @@ class HealthMonitor:
         """Follow a new Plan and Inventory (after a reload or a MIG change)."""
         self._commands.put(lambda: self._adopt(plan, inventory))
 
+    def configure(self, policy: XidPolicy, settings: HealthSettings) -> None:
+        """Apply a new policy and timing (after a reload); faults already recorded stay."""
+        self._commands.put(lambda: self._reconfigure(policy, settings))
+
     def mps_down(self, resource: str, reason: str) -> None:
         """Report the MPS daemon of `resource` down: all its devices become Unhealthy."""
         self._commands.put(lambda: self._tracker.on_mps_down(resource, reason, self._clock()))
@@ -169,6 +173,16 @@ class HealthMonitor:
             out += self._probe_lost(now)
         out += self._recover(now)
         self._emit(out)
+
+    def _reconfigure(self, policy: XidPolicy, settings: HealthSettings) -> list[HealthTransition]:
+        tracker = self._tracker
+        old = (tracker.policy, tracker.quiet_period_s, self._probe_interval_s)
+        new = (policy, settings.recovery_quiet_period_s, settings.probe_interval_s)
+        if old != new:
+            log.info("health settings changed: %s", settings)
+            tracker.policy, tracker.quiet_period_s, self._probe_interval_s = new
+            self._next_probe_at = min(self._next_probe_at, self._clock() + self._probe_interval_s)
+        return []
 
     def _adopt(self, plan: Plan, inventory: Inventory) -> list[HealthTransition]:
         """Take a new plan; GPUs the inventory reports lost count as failed probes."""
@@ -302,6 +316,18 @@ class HealthMonitor:
             log.exception("publishing the health overlay failed")
 
 
+def health_policy(
+    env: Mapping[str, str], health: HealthSection
+) -> tuple[XidPolicy, HealthSettings]:
+    """Policy and settings from the `health:` section and DP_*_HEALTHCHECKS in `env`.
+
+    Raises:
+        ConfigError: DP_DISABLE_HEALTHCHECKS or DP_ENABLE_HEALTHCHECKS holds a bad value.
+    """
+    settings = HealthSettings.of(health)
+    return XidPolicy.from_lists(env.get(ENV_DISABLE), env.get(ENV_ENABLE), settings), settings
+
+
 def create_health_monitor(
     *,
     nvml: HealthNvml,
@@ -316,8 +342,7 @@ def create_health_monitor(
     Raises:
         ConfigError: DP_DISABLE_HEALTHCHECKS or DP_ENABLE_HEALTHCHECKS holds a bad value.
     """
-    settings = HealthSettings.of(health)
-    policy = XidPolicy.from_lists(env.get(ENV_DISABLE), env.get(ENV_ENABLE), settings)
+    policy, settings = health_policy(env, health)
     if policy.disabled:
         log.warning("health checks disabled: XIDs and lost GPUs will not mark devices Unhealthy")
     return HealthMonitor(

@@ -157,6 +157,18 @@ def test_lost_gpu_recovers_after_reset(start: Start, kubelet: FakeKubelet) -> No
     kubelet.wait_for_list(GPU, lambda d: not d.unhealthy_ids)
 
 
+def test_edited_quiet_period_applies_on_reload(
+    start: Start, kubelet: FakeKubelet, tmp_path: Path
+) -> None:
+    """A 1 h quiet period holds the GPU Unhealthy; editing it to 100 ms and reloading frees it."""
+    daemon, state = start(config=TIME_SLICING_X4.replace("300ms", "1h"))
+    inject_xid(state, 4, 94)
+    kubelet.wait_for_list(GPU, lambda d: bool(d.unhealthy_ids))
+    (tmp_path / "config.yaml").write_text(TIME_SLICING_X4.replace("300ms", "100ms"))
+    assert daemon.reload()
+    kubelet.wait_for_list(GPU, lambda d: not d.unhealthy_ids)
+
+
 def test_mig_scoped_xid_marks_one_mig_device(start: Start, kubelet: FakeKubelet) -> None:
     """An XID with GI/CI IDs marks the replicas of that MIG device only, not its siblings."""
     daemon, state = start("mixed", MIG_SHARED)
