@@ -12,6 +12,7 @@ import pytest
 from plugin.daemon import Daemon
 from plugin.health_monitor import HealthMonitor
 from plugin.standin import DeviceList
+from sharing.errors import ConfigError
 from sharing.nvml import load_library
 from sharing.nvml.sim import create_state, inject_xid, inject_xids, lose_gpu, reset_gpu
 from tests.fakes.kubelet import FakeKubelet
@@ -57,12 +58,13 @@ def start(tmp_path: Path, kubelet: FakeKubelet) -> Iterator[Start]:
     """Start a daemon on a fresh simulated node; returns it and the node's state directory."""
     daemons: list[Daemon] = []
 
-    def run(node: str = "dgx-a100", config: str = TIME_SLICING_X4) -> tuple[Daemon, Path]:
+    def run(node: str = "dgx-a100", config: str = TIME_SLICING_X4,
+            env: dict[str, str] | None = None) -> tuple[Daemon, Path]:
         state = create_state(node, tmp_path / f"node-{len(daemons)}")
         path = tmp_path / "config.yaml"
         path.write_text(config)
         daemon = Daemon(config_path=path, kubelet_dir=kubelet.kubelet_dir,
-                        nvml_lib=load_library(str(state)), env={}, overrides={})
+                        nvml_lib=load_library(str(state)), env=env or {}, overrides={})
         daemons.append(daemon)
         daemon.start()
         for name in daemon.plan.names:
@@ -129,6 +131,21 @@ def test_ignored_xid_changes_nothing(start: Start, kubelet: FakeKubelet) -> None
     lists = kubelet.lists(GPU)[before:]
     assert len(lists) == 1, "one new list: the ignored XID sent none"
     assert unhealthy(kubelet, daemon) == replicas_of(daemon, daemon.inventory.gpu(5).uuid)
+
+
+def test_env_ignores_an_xid(start: Start, kubelet: FakeKubelet) -> None:
+    """DP_DISABLE_HEALTHCHECKS=79 (upstream env): XID 79 is ignored, XID 94 still counts."""
+    daemon, state = start(env={"DP_DISABLE_HEALTHCHECKS": "79"})
+    inject_xid(state, 3, 79)
+    inject_xid(state, 5, 94)
+    kubelet.wait_for_list(GPU, lambda d: bool(d.unhealthy_ids))
+    assert unhealthy(kubelet, daemon) == replicas_of(daemon, daemon.inventory.gpu(5).uuid)
+
+
+def test_bad_env_value_refuses_to_start(start: Start) -> None:
+    """A bad DP_ENABLE_HEALTHCHECKS value stops the start with the variable and value named."""
+    with pytest.raises(ConfigError, match="DP_ENABLE_HEALTHCHECKS: invalid value 'seventy'"):
+        start(env={"DP_ENABLE_HEALTHCHECKS": "seventy"})
 
 
 def test_recoverable_xid_recovers_after_quiet_period(start: Start, kubelet: FakeKubelet) -> None:
