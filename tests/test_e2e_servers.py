@@ -199,3 +199,13 @@ def test_registration_waits_for_the_kubelet(kubelet_dir: Path) -> None:
     finally:
         node.stop()
     assert not (kubelet_dir / "gpushare-gpu.sock").exists()
+
+
+def test_unchanged_resource_keeps_its_snapshot_version(node: Node) -> None:
+    """Only resources whose list changed get a new version, so only their streams resend."""
+    gpu_version, _ = node.state.snapshot("nvidia.com/gpu")
+    vgpu_version, _ = node.state.snapshot("example.com/vgpu")
+    node.state.set_plan(Plan(resources=(time_sliced(2), time_sliced(4, "example.com/vgpu"))))
+    assert node.state.snapshot("nvidia.com/gpu")[0] == gpu_version
+    assert node.state.snapshot("example.com/vgpu")[0] > vgpu_version
+    assert node.state.snapshot("example.com/missing") == (-1, None)
