@@ -94,7 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_overrides(run)
     run.set_defaults(func=run_command)
+    _register_demo(subparsers)
 
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `demo` sub-command."""
     demo = subparsers.add_parser(
         "demo",
         help="walk through registration, an allocation and a fault on a simulated node",

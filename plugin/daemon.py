@@ -22,6 +22,7 @@ from plugin.allocate import ResourceAllocator, build_allocators
 from plugin.kubelet import KubeletLink
 from plugin.server import PluginServer, create_server
 from plugin.state import NodeState
+from plugin.watch import FileWatcher
 from sharing.devices import Inventory
 from sharing.errors import NvmlError, SharingError
 from sharing.plan import Plan
@@ -42,51 +43,6 @@ class Component(Protocol):
 
 
 PlanListener = Callable[[Plan, Inventory], None]
-
-
-def file_identity(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime_ns) of a file, or None when it cannot be stat'ed."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class FileWatcher:
-    """Calls `on_change` from its own thread when a file's inode, size or mtime changes."""
-
-    def __init__(self, path: Path, on_change: Callable[[], object], *, poll_s: float) -> None:
-        self.path = path
-        self._on_change = on_change
-        self._poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._seen = file_identity(path)
-
-    def start(self) -> None:
-        """Start polling."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="config-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling; safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            current = file_identity(self.path)
-            if current != self._seen:
-                self._seen = current
-                log.info("%s changed: reloading", self.path)
-                try:
-                    self._on_change()
-                except Exception:  # noqa: BLE001 - the watch must outlive any one failure
-                    log.exception("reload after a change of %s failed", self.path)
 
 
 class Daemon:
@@ -390,4 +346,4 @@ def _restore_signals(previous: Mapping[int, Any]) -> None:
         signal.signal(signum, handler)
 
 
-__all__ = ["Component", "Daemon", "FileWatcher", "PlanListener", "file_identity"]
+__all__ = ["Component", "Daemon", "PlanListener"]
