@@ -292,3 +292,15 @@ def test_run_refuses_to_start(
     assert status == 1
     assert message in capsys.readouterr().err
     assert list(kubelet_dir.iterdir()) == []
+
+
+def test_deleted_socket_alone_leads_to_restart_and_registration(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, kubelet_dir: Path
+) -> None:
+    """Our socket removed while kubelet.sock stays: served again and registered again."""
+    start_daemon()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
+    (kubelet_dir / "gpushare-gpu.sock").unlink()
+    kubelet.wait_for(lambda: len(kubelet.registrations) == 2, timeout_s=2.0)
+    assert (kubelet_dir / "gpushare-gpu.sock").exists()
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
