@@ -51,17 +51,19 @@ class StateStore:
             raise SimError(f"{path}: not a simulated node state directory (no {STATE_FILE})")
         self.path = path
         self._file = path / STATE_FILE
-        self._key: tuple[int, int] | None = None
-        self._state: State = {}
+        # (file key, parsed state) replaced as one value, so concurrent readers never pair a
+        # newer key with an older state.
+        self._cache: tuple[tuple[int, int] | None, State] = (None, {})
 
     def read(self) -> State:
         """The current state; parsed again only when the file changed. Do not mutate it."""
         st = os.stat(self._file)
         key = (st.st_mtime_ns, st.st_size)
-        if key != self._key:
-            self._state = json.loads(self._file.read_bytes())
-            self._key = key
-        return self._state
+        cached_key, state = self._cache
+        if key != cached_key:
+            state = json.loads(self._file.read_bytes())
+            self._cache = (key, state)
+        return state
 
     def version(self) -> tuple[int, int]:
         """A key that changes whenever the state file is replaced."""
@@ -79,8 +81,7 @@ class StateStore:
             data = json.dumps(state, sort_keys=True).encode()
             mtime_ns = max(time.time_ns(), old.st_mtime_ns + 1)
             write_atomic(self._file, data, mtime_ns)
-            self._state = json.loads(data)
-            self._key = (mtime_ns, len(data))
+            self._cache = ((mtime_ns, len(data)), json.loads(data))
 
 
 @contextlib.contextmanager
