@@ -14,7 +14,7 @@ from benchmarks.stats import Figure
 from benchmarks.synthetic import synthetic_inventory, time_slicing_config
 from plugin import convert
 from sharing.allocation import preferred_allocation
-from sharing.nvml import sim
+from sharing.nvml import load_library, nvml_session, read_inventory, sim
 from sharing.plan import build_plan
 
 NODE = "dgx-a100"
@@ -120,9 +120,10 @@ def plan_build(runs: int) -> list[Figure]:
     return figures
 
 
-def _replica_ids(node: DaemonUnderTest, gpu_index: int) -> set[str]:
-    gpu_uuid = sim.load_spec(node.state_dir).gpus[gpu_index].uuid
-    return {d.id for d in node.kubelet.latest(GPU).devices if d.id.startswith(gpu_uuid)}  # type: ignore[union-attr]
+def _gpu_uuids(node: DaemonUnderTest) -> list[str]:
+    """The simulated node's GPU UUIDs, read through NVML as the daemon reads them."""
+    with nvml_session(load_library(str(node.state_dir))) as nvml:
+        return [gpu.uuid for gpu in read_inventory(nvml).gpus]
 
 
 def health_propagation(runs: int) -> list[Figure]:
@@ -131,9 +132,10 @@ def health_propagation(runs: int) -> list[Figure]:
     samples = []
     with DaemonUnderTest(NODE, ts_config(4, extra=health)) as node:
         kubelet = node.serve([GPU])
+        uuids = _gpu_uuids(node)
         for run in range(runs):
-            gpu = run % 8
-            replicas = _replica_ids(node, gpu)
+            gpu = run % len(uuids)
+            replicas = {f"{uuids[gpu]}::{n}" for n in range(4)}
             t0 = time.monotonic()
             sim.inject_xid(node.state_dir, gpu, 94)  # contained ECC error: recoverable
             seen = kubelet.wait_for_list(
