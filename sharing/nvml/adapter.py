@@ -2,7 +2,8 @@
 
 The library object is the real `pynvml` module or the simulated one (`sharing.nvml.sim.SimNvml`);
 both raise `pynvml.NVMLError_*`. The gate maps them to `sharing.errors` in one place, decodes bytes,
-turns a missing function into `NvmlNotSupported`, and probes `_v2` variants once.
+turns a missing function into `NvmlNotSupported`, and probes `_v2` variants once. A field value's
+own return code (`nvmlDeviceGetFieldValues`) is mapped the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pynvml
 
 from sharing.errors import GpuLost, NvmlError, NvmlNotSupported, NvmlUnavailable
 from sharing.nvml.host import HostFiles
+from sharing.nvml.recovery import FIELD_RECOVERY_ACTION, recovery_action_name
 
 if TYPE_CHECKING:
     from sharing.nvml.events import EventWatcher
@@ -124,6 +126,24 @@ class Nvml:
         handle = self.handle(gpu_index)
         self.call("nvmlDeviceGetUUID", handle)
         self.call("nvmlDeviceGetMemoryInfo", handle)
+
+    def recovery_action(self, gpu_index: int) -> str | None:
+        """The driver's recovery action for a GPU (`none`, `gpu_reset`, ...); None: not reported.
+
+        Raises:
+            GpuLost: the GPU does not answer. NvmlError: any other failure of the read.
+        """
+        function = "nvmlDeviceGetFieldValues"
+        handle = self.handle(gpu_index)
+        try:
+            [value] = self.call(function, handle, [FIELD_RECOVERY_ACTION])
+        except NvmlNotSupported:
+            return None
+        if value.nvmlReturn in _NOT_SUPPORTED:
+            return None
+        if value.nvmlReturn != pynvml.NVML_SUCCESS:
+            raise translate(pynvml.NVMLError(value.nvmlReturn), f"{function}(recovery action)")
+        return recovery_action_name(value.value.uiVal)
 
     def event_watcher(self, gpu_indices: Iterable[int]) -> EventWatcher:
         """An event set registered for XID and ECC events of these GPUs."""

@@ -16,7 +16,7 @@ import pynvml
 
 from sharing.errors import ConfigError
 from sharing.nvml.nodes import node_file
-from sharing.nvml.sim import engine
+from sharing.nvml.sim import engine, recovery
 from sharing.nvml.sim.spec import COMPUTE_MODES, NodeSpec, load_node_file, parse_node
 from sharing.nvml.sim.state import (
     HOST_DIR,
@@ -65,6 +65,7 @@ def initial_state(spec: NodeSpec, source: str) -> State:
         gpu = {
             "lost": False,
             "lost_reason": "",
+            "recovery_action": recovery.ACTION_NONE,
             "mig_current": int(mig.enabled),
             "mig_pending": int(pending),
             "compute_mode": COMPUTE_MODES[gpu_spec.compute_mode],
@@ -186,7 +187,15 @@ def inject_event(
         gpu_state = _gpu(state, gpu)
         if gi is not None:
             _check_target(gpu_state, gpu, gi, ci)
-        return append_event(state, gpu, event_type, data, gi, ci)
+        return _emit(state, gpu, event_type, data, gi, ci)
+
+
+def _emit(
+    state: State, gpu: int, event_type: int, data: int, gi: int | None, ci: int | None
+) -> int:
+    """Append an event and let the driver note it in the GPU's recovery action."""
+    recovery.note_event(state["gpus"][gpu], event_type, data)
+    return append_event(state, gpu, event_type, data, gi, ci)
 
 
 def inject_xid(
@@ -208,24 +217,28 @@ def inject_xids(state_dir: Path, events: Iterable[tuple[int, int, int | None, in
             gpu_state = _gpu(state, gpu)
             if gi is not None:
                 _check_target(gpu_state, gpu, gi, ci)
-            seq = append_event(state, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
+            seq = _emit(state, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
     return seq
 
 
 def lose_gpu(
     state_dir: Path, gpu: int, xid: int | None = 79, reason: str = "GPU has fallen off the bus"
 ) -> None:
-    """Mark a GPU lost (its calls then fail with GPU_IS_LOST) and emit `xid` (79 by default)."""
+    """Mark a GPU lost (its calls then fail with GPU_IS_LOST) and emit `xid` (79 by default).
+
+    A lost GPU needs a reset: its recovery action becomes GPU_RESET whatever `xid` is.
+    """
     with StateStore(Path(state_dir)).mutate() as state:
         gpu_state = _gpu(state, gpu)
         gpu_state["lost"] = True
         gpu_state["lost_reason"] = reason
+        gpu_state["recovery_action"] = recovery.ACTION_GPU_RESET
         if xid is not None:
-            append_event(state, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, None, None)
+            _emit(state, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, None, None)
 
 
 def reset_gpu(state_dir: Path, gpu: int) -> None:
-    """Reset a GPU: clears lost, applies a pending MIG mode, wipes GIs/CIs and its processes."""
+    """Reset a GPU: clears lost and the recovery action, applies pending MIG mode, wipes GIs/CIs."""
     with StateStore(Path(state_dir)).mutate() as state:
         engine.reset(_gpu(state, gpu))
 

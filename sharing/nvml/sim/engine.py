@@ -22,6 +22,7 @@ from typing import Any
 import pynvml
 
 from sharing.nvml.profiles import CardModel, MigProfile, gpu_instance_id
+from sharing.nvml.sim import recovery
 
 _CI_SIZES = (1, 2, 3, 4, 7)
 GpuState = dict[str, Any]
@@ -189,9 +190,10 @@ def set_mig_mode(card: CardModel, gpu: GpuState, mode: int) -> int:
 
 
 def reset(gpu: GpuState) -> None:
-    """A GPU reset: clears lost, applies the pending MIG mode, wipes GIs/CIs and processes."""
+    """GPU reset: clear lost, recovery action; apply pending MIG mode; wipe GIs, CIs, processes."""
     gpu["lost"] = False
     gpu["lost_reason"] = ""
+    gpu["recovery_action"] = recovery.ACTION_NONE
     gpu["mig_current"] = gpu["mig_pending"]
     gpu["gis"] = []
     gpu["procs"] = []

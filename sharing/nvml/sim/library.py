@@ -11,7 +11,7 @@ from __future__ import annotations
 import pynvml
 
 from sharing.nvml.profiles import MIB
-from sharing.nvml.sim import handles
+from sharing.nvml.sim import handles, recovery
 from sharing.nvml.sim.base import SimBase, Target
 from sharing.nvml.sim.engine import fail
 from sharing.nvml.sim.library_events import SimEvents
@@ -178,6 +178,17 @@ class SimNvml(SimEvents, SimMig, SimBase):
             if t.is_mig:
                 fail(pynvml.NVML_ERROR_NOT_SUPPORTED)
             t.gpu["compute_mode"] = mode
+
+    def nvmlDeviceGetFieldValues(self, handle: object, fieldIds: list) -> object:
+        """A ctypes array of c_nvmlFieldValue_t; each unsupported field answers NOT_SUPPORTED."""
+        t = self._device(handle)
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        for value, field in zip(values, fieldIds, strict=True):
+            recovery.set_field_id(value, field)
+            recovery.fill_field_value(
+                value, t.gpu, supported=self.spec.recovery_action_field, is_mig=t.is_mig
+            )
+        return values
 
     # -- topology ------------------------------------------------------------------------------
     def nvmlDeviceGetTopologyCommonAncestor(self, device1: object, device2: object) -> int:

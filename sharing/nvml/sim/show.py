@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pynvml
 
+from sharing.nvml.recovery import recovery_action_name
+from sharing.nvml.sim import recovery
 from sharing.nvml.sim.control import load_spec
 from sharing.nvml.sim.spec import COMPUTE_MODES, mig_device_uuid
 from sharing.nvml.sim.state import NO_ID, StateStore
@@ -43,11 +45,15 @@ def show(state_dir: Path) -> str:
         card = spec.card(i)
         lost = f"  LOST ({gpu['lost_reason']})" if gpu["lost"] else ""
         mig = f"  MIG {_mig_mode(gpu)}" if card.mig_capable else ""
+        action = recovery_action_name(recovery.action_of(gpu))
+        if not spec.recovery_action_field:
+            action = f"not reported by the driver (would be {action})"
         lines.append(
             f"GPU {i}  {card.name}  {spec.gpu_uuid(i)}  bus {gpu_spec.bus_id}  NUMA "
             f"{'-' if gpu_spec.numa_node is None else gpu_spec.numa_node}{mig}  compute "
             f"{_MODE_NAMES.get(gpu['compute_mode'], gpu['compute_mode'])}  processes: "
-            f"{_pids([p for p in gpu['procs'] if p['gi'] is None])}{lost}"
+            f"{_pids([p for p in gpu['procs'] if p['gi'] is None])}  recovery action "
+            f"{action}{lost}"
         )
         for gi in gpu["gis"]:
             profile = card.profile_by_id(gi["profile_id"])

@@ -1,7 +1,8 @@
 """Node descriptions for the simulated NVML (configs/nodes/*.yaml): strict models and loading.
 
-A description names the node, its driver, an optional NVSwitch fabric or direct NVLink pairs, and
-one entry per GPU (model key from `sharing.nvml.profiles.CARDS`, PCI bus id, NUMA node, PCIe path,
+A description names the node, its driver (versions; `recovery_action_field: false` for a driver
+without the GPU recovery action field), an optional NVSwitch fabric or direct NVLink pairs, and one
+entry per GPU (model key from `sharing.nvml.profiles.CARDS`, PCI bus id, NUMA node, PCIe path,
 initial MIG mode and instances, compute mode, initial processes). Unknown keys are errors; every
 error names the file, the field path and the value.
 """
@@ -85,6 +86,7 @@ class NodeSpec(BaseModel):
     driver_version: str = "550.54.15"
     cuda_driver_version: int = 12040
     init_error: str | None = None  # NVML error constant suffix nvmlInit fails with
+    recovery_action_field: bool = True  # NVML_FI_DEV_GET_GPU_RECOVERY_ACTION supported
     nvswitch: NvSwitchSpec | None = None
     nvlink_pairs: tuple[tuple[int, int, int], ...] = ()
     gpus: tuple[GpuSpec, ...] = Field(min_length=1)
