@@ -270,7 +270,7 @@ class Daemon:
             for name in diff.changed:
                 count = len(plan.resource(name).devices)  # type: ignore[union-attr]
                 log.info("%s now has %d devices: new list sent to the kubelet", name, count)
-            if diff.options_changed:
+            if diff.options_changed and self._servers:
                 log.info("serve options changed: %s", plan.options)
             for name in diff.added:
                 self._serve(plan, name)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import grpc
+
 from plugin.daemon import Daemon
 from plugin.standin import KubeletStandIn
 from sharing.errors import SharingError
@@ -98,10 +100,13 @@ def show_registration(ctx: DemoContext) -> None:
 
 def show_allocation(ctx: DemoContext) -> None:
     """Step 2: a container asks for two devices: GetPreferredAllocation, then Allocate."""
-    name = ctx.daemon.plan.resources[0].name
+    resource = ctx.daemon.plan.resources[0]
+    name = resource.name
+    count = 1 if resource.shared and resource.fail_requests_greater_than_one else 2
     ctx.say()
-    ctx.say(f"A pod asks for 2 x {name}. The kubelet calls GetPreferredAllocation, then Allocate:")
-    got = ctx.kubelet.allocate(name, 2)
+    ctx.say(f"A pod asks for {count} x {name}. The kubelet calls GetPreferredAllocation, "
+            "then Allocate:")
+    got = ctx.kubelet.allocate(name, count)
     ctx.say(f"    preferred and allocated: {', '.join(got.chosen[0])}")
     response = got.response.container_responses[0]
     ctx.say("    ContainerAllocateResponse:")
@@ -211,7 +216,7 @@ def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
         finally:
             daemon.stop()
             kubelet.stop()
-    except (SharingError, OSError, TimeoutError) as err:
+    except (SharingError, OSError, TimeoutError, grpc.RpcError) as err:
         print(f"gpushare demo failed: {err}", file=out)
         return 1
     print(file=out)
