@@ -1,24 +1,22 @@
-"""Health policy, the health overlay, its propagation and recovery rules. Pure: time is passed in.
+"""The health state machine: faults in, the health overlay out, and when faults clear. Pure.
 
-The overlay maps a physical ID to the reason it is unhealthy. Keys are a GPU UUID (whole-GPU
-events, lost GPUs), a MIG device UUID (events scoped to a GPU instance / compute instance) or
-`mps:<resource>` (that resource's MPS daemon is down). One rule turns the overlay into virtual
-device health (`unhealthy_reason`): a virtual device of resource R is Unhealthy when its
-physical ID, its parent GPU UUID or `mps:<R>` is in the overlay. So a GPU event reaches every
-replica of the GPU, every MIG device on it and every replica of those, in every resource.
+Time is passed in. The overlay (physical ID -> reason) and how it reaches virtual devices live in
+sharing.health_overlay, the XID policy (ignored and reset-class XIDs, DP_*_HEALTHCHECKS, the
+`health:` settings) in sharing.health_policy; both are re-exported here.
 
 Recovery is modelled, not left to a restart:
 - A recoverable XID (neither ignored nor reset-class) clears once the quiet period has passed
   since the last critical XID on that device and the GPU answered an NVML probe after that XID.
-- A reset-class XID (default 48, 79, 95) clears only when the GPU is seen again after a reset.
-  NVML has no "reset happened" counter, so the signal is: the GPU stopped answering NVML (a reset
-  takes it off the bus for a moment; `gpushare sim reset` does the same to a simulated GPU) and
-  then answered again; or the caller reports a reset it observed directly (`on_gpu_reset`).
+- A reset-class XID (default 48, 79, 95) clears only when the GPU is seen again after a reset,
+  by either of two signals:
+  (a) the GPU stopped answering NVML (a reset takes it off the bus for a moment) and then answered
+      again; or the caller reports a reset it observed directly (`on_gpu_reset`);
+  (b) the driver's GPU recovery action (NVML field NVML_FI_DEV_GET_GPU_RECOVERY_ACTION): after
+      the fault a probe read a pending reset (`gpu_reset` or `drain_and_reset`), and a later
+      probe of the answering GPU reads `none`, so the reset happened (`gpushare sim reset` does
+      this to a simulated GPU). A driver that does not report the field leaves only (a).
 - A lost GPU (probe answered GPU_IS_LOST or the inventory marks it lost) is healthy again as
   soon as it answers a probe, which also counts as being seen after a reset.
-
-The XID policy itself (ignored and reset-class XIDs, the DP_*_HEALTHCHECKS rules, the `health:`
-settings) lives in sharing.health_policy and is re-exported here.
 """
 
 from __future__ import annotations
@@ -29,6 +27,14 @@ from types import MappingProxyType
 from typing import Literal
 
 from sharing.devices import Inventory
+from sharing.health_overlay import (
+    HealthTransition,
+    affected_devices,
+    mps_key,
+    route_event,
+    unhealthy_devices,
+    unhealthy_reason,
+)
 from sharing.health_policy import (
     DEFAULT_IGNORED_XIDS,
     DEFAULT_PROBE_INTERVAL_S,
@@ -49,7 +55,7 @@ from sharing.health_policy import (
     describe_xid,
     event_xid,
 )
-from sharing.plan import Plan, VirtualDevice
+from sharing.plan import Plan
 
 __all__ = [
     "DEFAULT_IGNORED_XIDS",
@@ -66,6 +72,7 @@ __all__ = [
     "XID_DESCRIPTIONS",
     "HealthSection",
     "HealthSettings",
+    "PENDING_RESET_ACTIONS",
     "HealthTracker",
     "HealthTransition",
     "XidEventLike",
@@ -81,98 +88,8 @@ __all__ = [
 
 Cause = Literal["lost", "reset", "xid", "mps"]
 _CAUSE_ORDER: tuple[Cause, ...] = ("lost", "reset", "xid", "mps")
-
-
-def mps_key(resource: str) -> str:
-    """Overlay key of the MPS daemon that serves `resource`."""
-    return f"mps:{resource}"
-
-
-def _scope_id(value: int | None) -> int | None:
-    return None if value is None or value == WHOLE_GPU_SCOPE else value
-
-
-def route_event(event: XidEventLike, inventory: Inventory) -> tuple[str, ...]:
-    """Overlay keys an event marks: the GPU UUID, or the MIG devices with its GI (and CI) ID.
-
-    A GI/CI-scoped event on a GPU without a matching MIG device marks the whole GPU.
-    """
-    gpu = inventory.gpu_by_uuid(event.gpu_uuid)
-    gi, ci = _scope_id(event.gi_id), _scope_id(event.ci_id)
-    if gpu is None or gi is None:
-        return (event.gpu_uuid,)
-    keys = tuple(
-        mig.uuid
-        for mig in gpu.mig_devices
-        if mig.gi_id == gi and (ci is None or mig.ci_id == ci)
-    )
-    return keys or (gpu.uuid,)
-
-
-def unhealthy_reason(
-    resource: str, device: VirtualDevice, overlay: Mapping[str, str]
-) -> str | None:
-    """Why a virtual device of `resource` is Unhealthy under the overlay, or None if Healthy."""
-    for key in (device.physical_id, device.gpu_uuid, mps_key(resource)):
-        reason = overlay.get(key)
-        if reason is not None:
-            return reason
-    return None
-
-
-def unhealthy_devices(plan: Plan, overlay: Mapping[str, str]) -> dict[str, dict[str, str]]:
-    """Resource name -> {virtual device ID: reason} for every Unhealthy virtual device."""
-    result: dict[str, dict[str, str]] = {}
-    for res in plan.resources:
-        marked = {
-            dev.id: reason
-            for dev in res.devices
-            if (reason := unhealthy_reason(res.name, dev, overlay)) is not None
-        }
-        if marked:
-            result[res.name] = marked
-    return result
-
-
-def affected_devices(plan: Plan, overlay_key: str) -> int:
-    """Number of virtual devices, over all resources, that an overlay key makes Unhealthy."""
-    count = 0
-    for res in plan.resources:
-        if overlay_key == mps_key(res.name):
-            count += len(res.devices)
-            continue
-        count += sum(1 for d in res.devices if overlay_key in (d.physical_id, d.gpu_uuid))
-    return count
-
-
-@dataclass(frozen=True)
-class HealthTransition:
-    """One change of one overlay key, with what a log line needs."""
-
-    key: str
-    healthy: bool
-    reason: str  # why it is unhealthy now ("" when healthy)
-    affected: int  # virtual devices whose health this key decides
-    gpu_index: int | None = None
-    gpu_uuid: str = ""
-    xid: int | None = None
-    cleared: str = ""  # what stopped counting against it, and why
-
-    @property
-    def message(self) -> str:
-        """`gpu 3 (GPU-…) unhealthy: XID 79 (…), reset required; 4 virtual devices affected`."""
-        if self.key.startswith("mps:"):
-            subject = f"MPS daemon of {self.key[4:]}"
-        else:
-            gpu = f"gpu {self.gpu_index} ({self.gpu_uuid})"
-            subject = gpu if self.key == self.gpu_uuid else f"MIG device {self.key} on {gpu}"
-        noun = "virtual device" if self.affected == 1 else "virtual devices"
-        count = f"{self.affected} {noun} affected"
-        if self.healthy:
-            return f"{subject} healthy again: {self.cleared}; {count}"
-        if self.cleared:
-            return f"{subject} still unhealthy: {self.reason} ({self.cleared}); {count}"
-        return f"{subject} unhealthy: {self.reason}; {count}"
+PENDING_RESET_ACTIONS = frozenset({"gpu_reset", "drain_and_reset"})  # recovery actions
+NO_ACTION = "none"
 
 
 @dataclass
@@ -184,6 +101,7 @@ class _Fault:
     xid: int | None
     last_event_at: float
     events: int = 1
+    reset_pending_seen: bool = False  # a probe read a pending reset action after this fault
 
 
 @dataclass
@@ -288,6 +206,40 @@ class HealthTracker:
             if causes and faults[causes[0]].gpu_uuid == gpu_uuid:
                 out += self._clear(key, causes, "seen again after a reset")
         return out
+
+    def on_recovery_action(
+        self, gpu_uuid: str, action: str | None, now: float
+    ) -> list[HealthTransition]:
+        """A probe of the answering GPU read its recovery action (None: the driver has none).
+
+        A pending reset read after a reset-class fault, then `none`, clears that fault (rule b).
+        """
+        if self.policy.disabled or action is None or self.gpu_unanswering(gpu_uuid):
+            return []
+        faults = self._reset_faults(gpu_uuid)
+        if action in PENDING_RESET_ACTIONS:
+            for _, fault in faults:
+                fault.reset_pending_seen = True
+            return []
+        if action != NO_ACTION:
+            return []
+        out: list[HealthTransition] = []
+        for key, fault in faults:
+            if fault.reset_pending_seen:
+                why = f"the GPU was reset (recovery action {action})"
+                out += self._clear(key, ("reset",), why)
+        return out
+
+    def awaiting_reset(self, gpu_uuid: str) -> bool:
+        """True while a reset-class fault on this GPU (or a MIG device of it) waits for a reset."""
+        return bool(self._reset_faults(gpu_uuid))
+
+    def _reset_faults(self, gpu_uuid: str) -> list[tuple[str, _Fault]]:
+        return [
+            (key, fault)
+            for key, faults in self._faults.items()
+            if (fault := faults.get("reset")) is not None and fault.gpu_uuid == gpu_uuid
+        ]
 
     def gpu_unanswering(self, gpu_uuid: str) -> bool:
         """True while the GPU's last probe failed."""
