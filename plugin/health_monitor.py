@@ -5,6 +5,11 @@ One plain loop on one thread. Each turn it waits on the NVML event watcher with 
 HealthTracker (sharing.health), probes GPUs when their probe is due, and publishes the overlay
 once if it changed. A storm of events therefore costs one overlay publish per batch, not one per
 event. Every transition is logged once, with the XID, the reason and the affected device count.
+
+A GPU that stopped answering, or that has a reset-class fault, is probed every
+`reset_probe_interval_s` (1 s), so a reset shows promptly. A probe of an answering GPU with a
+reset-class fault also reads the driver's recovery action: a pending reset followed by `none`
+clears the fault (sharing.health, rule b).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ log = logging.getLogger("gpushare.health")
 DEFAULT_WAIT_TIMEOUT_MS = 50
 MAX_BATCH = 1000  # events applied per turn before the overlay is published
 WATCHER_RETRY_S = 1.0
-LOST_PROBE_INTERVAL_S = 1.0  # a GPU that stopped answering is probed this often, to see a reset
+RESET_PROBE_INTERVAL_S = 1.0  # an unanswering GPU or one awaiting a reset is probed this often
 
 
 class EventWatcher(Protocol):
@@ -57,6 +62,9 @@ class HealthNvml(Protocol):
 
     def probe(self, gpu_index: int) -> None:
         """Ask the GPU something cheap; raises GpuLost (or NvmlError) when it does not answer."""
+
+    def recovery_action(self, gpu_index: int) -> str | None:
+        """The driver's recovery action (`none`, `gpu_reset`, ...); None when not reported."""
 
 
 Publish = Callable[[Mapping[str, str]], None]
@@ -87,8 +95,10 @@ class HealthMonitor:
         publish: Publish,
         clock: Callable[[], float] = time.monotonic,
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
+        reset_probe_interval_s: float = RESET_PROBE_INTERVAL_S,
     ) -> None:
         self._nvml = nvml
+        self._reset_probe_s = reset_probe_interval_s
         self._publish = publish
         self._clock = clock
         self._wait_ms = wait_timeout_ms
@@ -103,8 +113,9 @@ class HealthMonitor:
         self._watched: tuple[int, ...] | None = None
         self._watcher_retry_at = 0.0
         self._next_probe_at = 0.0
-        self._next_lost_probe_at = 0.0
+        self._next_reset_probe_at = 0.0
         self._candidate_probed_at: dict[str, float] = {}
+        self._no_recovery_field: set[str] = set()
         self._published_version = -1
         self._counts = {"events": 0, "batches": 0, "publishes": 0, "probes": 0, "transitions": 0}
 
@@ -169,8 +180,8 @@ class HealthMonitor:
             out += self._probe_faulted(self._tracker.on_events(batch, now), now)
         if now >= self._next_probe_at:
             out += self._probe_all(now)
-        elif now >= self._next_lost_probe_at:
-            out += self._probe_lost(now)
+        elif now >= self._next_reset_probe_at:
+            out += self._probe_awaiting_reset(now)
         out += self._recover(now)
         self._emit(out)
 
@@ -249,17 +260,37 @@ class HealthMonitor:
                 log.debug("closing the NVML event set: %s", err)
 
     def _probe(self, uuid: str, index: int, now: float) -> list[HealthTransition]:
+        """Probe one GPU; one that answers and awaits a reset also has its recovery action read."""
         self._counts["probes"] += 1
         try:
             self._nvml.probe(index)
         except NvmlError as err:
             return self._tracker.on_probe(uuid, False, now, str(err))
-        return self._tracker.on_probe(uuid, True, now)
+        out = self._tracker.on_probe(uuid, True, now)
+        if self._tracker.awaiting_reset(uuid):
+            out += self._read_recovery_action(uuid, index, now)
+        return out
+
+    def _read_recovery_action(self, uuid: str, index: int, now: float) -> list[HealthTransition]:
+        try:
+            action = self._nvml.recovery_action(index)
+        except GpuLost as err:
+            return self._tracker.on_probe(uuid, False, now, str(err))
+        except NvmlError as err:
+            log.debug("reading the recovery action of gpu %d: %s", index, err)
+            return []
+        if action is None and uuid not in self._no_recovery_field:
+            self._no_recovery_field.add(uuid)
+            log.info(
+                "gpu %d (%s): the driver does not report the GPU recovery action; a reset is "
+                "seen only when the GPU stops answering and answers again", index, uuid,
+            )
+        return self._tracker.on_recovery_action(uuid, action, now)
 
     def _probe_all(self, now: float) -> list[HealthTransition]:
         """The scheduled probe of every GPU: catches a GPU that fell off without an event."""
         self._next_probe_at = now + self._probe_interval_s
-        self._next_lost_probe_at = now + min(LOST_PROBE_INTERVAL_S, self._probe_interval_s)
+        self._next_reset_probe_at = now + min(self._reset_probe_s, self._probe_interval_s)
         out: list[HealthTransition] = []
         for gpu in self._tracker.inventory.gpus:
             out += self._probe(gpu.uuid, gpu.index, now)
@@ -276,12 +307,13 @@ class HealthMonitor:
                 out += self._probe(uuid, gpu.index, now)
         return out
 
-    def _probe_lost(self, now: float) -> list[HealthTransition]:
-        """Probe GPUs that stopped answering more often than the rest: a reset shows promptly."""
-        self._next_lost_probe_at = now + min(LOST_PROBE_INTERVAL_S, self._probe_interval_s)
+    def _probe_awaiting_reset(self, now: float) -> list[HealthTransition]:
+        """Probe GPUs that stopped answering or await a reset more often: a reset shows promptly."""
+        self._next_reset_probe_at = now + min(self._reset_probe_s, self._probe_interval_s)
+        tracker = self._tracker
         out: list[HealthTransition] = []
-        for gpu in self._tracker.inventory.gpus:
-            if self._tracker.gpu_unanswering(gpu.uuid):
+        for gpu in tracker.inventory.gpus:
+            if tracker.gpu_unanswering(gpu.uuid) or tracker.awaiting_reset(gpu.uuid):
                 out += self._probe(gpu.uuid, gpu.index, now)
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -12,7 +13,7 @@ import pytest
 from plugin.health_monitor import HealthMonitor
 from sharing.config import load_config
 from sharing.health import HealthSettings, XidPolicy
-from sharing.nvml import Nvml, read_inventory
+from sharing.nvml import NODES_DIR, Nvml, read_inventory
 from sharing.nvml.sim import inject_xid, lose_gpu, reset_gpu
 from sharing.plan import build_plan
 
@@ -62,8 +63,9 @@ def monitor(sim_nvml: Callable[..., tuple[Nvml, Path]]) -> Iterator[Start]:
     """Factory: a started monitor over a fresh simulated node; stopped after the test."""
     started: list[HealthMonitor] = []
 
-    def start(node: str = "dgx-a100", *, quiet_s: float = 300.0, probe_s: float = 10.0,
-              disabled: str | None = None) -> tuple[HealthMonitor, Published, Nvml, Path]:
+    def start(node: str | Path = "dgx-a100", *, quiet_s: float = 300.0, probe_s: float = 10.0,
+              disabled: str | None = None, reset_probe_s: float = 1.0,
+              ) -> tuple[HealthMonitor, Published, Nvml, Path]:
         nvml, state = sim_nvml(node)
         inventory = read_inventory(nvml)
         settings = HealthSettings(recovery_quiet_period_s=quiet_s, probe_interval_s=probe_s)
@@ -71,7 +73,7 @@ def monitor(sim_nvml: Callable[..., tuple[Nvml, Path]]) -> Iterator[Start]:
         mon = HealthMonitor(
             nvml=nvml, policy=XidPolicy.from_lists(disabled, None, settings), settings=settings,
             plan=build_plan(inventory, load_config(TIME_SLICING_X4)), inventory=inventory,
-            publish=published,
+            publish=published, reset_probe_interval_s=reset_probe_s,
         )
         mon.start()
         started.append(mon)
@@ -206,3 +208,63 @@ def test_update_follows_a_new_inventory(monitor: Start) -> None:
     assert inventory.gpu(7).lost
     mon.update(build_plan(inventory, load_config(TIME_SLICING_X4)), inventory)
     assert set(published.wait_for(lambda o: bool(o))) == {inventory.gpu(7).uuid}
+
+
+@pytest.mark.parametrize("code", [48, 95, 79])
+def test_reset_class_xid_on_an_answering_gpu_clears_after_reset(monitor: Start, code: int) -> None:
+    """XID 48/95/79 on a GPU that keeps answering: Unhealthy until the simulator resets it."""
+    mon, published, nvml, state = monitor(quiet_s=0.05, probe_s=10.0, reset_probe_s=0.05)
+    gpu = uuid_of(nvml, 2)
+    inject_xid(state, 2, code)
+    overlay = published.wait_for(lambda o: gpu in o)
+    probes = mon.stats().probes
+    wait_until(lambda: mon.stats().probes >= probes + 4)  # GPU 2 alone, every 50 ms
+    assert published.latest == overlay
+    reset_gpu(state, 2)
+    published.wait_for(lambda o: not o)
+
+
+def test_reset_is_seen_within_a_second_by_default(monitor: Start) -> None:
+    """With the default 10 s probe and 1 s reset probe, the reset clears XID 48 within 2 s."""
+    _, published, nvml, state = monitor()
+    inject_xid(state, 2, 48)
+    published.wait_for(lambda o: uuid_of(nvml, 2) in o)
+    reset_at = time.monotonic()
+    reset_gpu(state, 2)
+    published.wait_for(lambda o: not o)
+    assert time.monotonic() - reset_at < 2.0
+
+
+def test_driver_without_the_field_keeps_the_gpu_unhealthy_after_reset(
+    monitor: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the recovery action field only rule (a) applies: a reset NVML cannot see changes
+    nothing, and the monitor says once why."""
+    node = tmp_path / "old-driver.yaml"
+    node.write_text((NODES_DIR / "dgx-a100.yaml").read_text() + "recovery_action_field: false\n")
+    caplog.set_level(logging.INFO, logger="gpushare.health")
+    mon, published, nvml, state = monitor(node, quiet_s=0.05, reset_probe_s=0.05)
+    inject_xid(state, 2, 48)
+    overlay = published.wait_for(lambda o: uuid_of(nvml, 2) in o)
+    reset_gpu(state, 2)
+    probes = mon.stats().probes
+    wait_until(lambda: mon.stats().probes >= probes + 6)
+    assert published.latest == overlay
+    notes = [r.getMessage() for r in caplog.records if "does not report" in r.getMessage()]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"gpu 2 ({uuid_of(nvml, 2)}): the driver does not report")
+
+
+def test_reset_transition_is_logged_once(monitor: Start, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpushare.health")
+    _, published, nvml, state = monitor(reset_probe_s=0.05)
+    gpu = uuid_of(nvml, 2)
+    inject_xid(state, 2, 95)
+    published.wait_for(lambda o: gpu in o)
+    reset_gpu(state, 2)
+    published.wait_for(lambda o: not o)
+    healthy = [r.getMessage() for r in caplog.records if "healthy again" in r.getMessage()]
+    assert healthy == [
+        f"gpu 2 ({gpu}) healthy again: XID 95 (uncontained ECC error), reset required cleared: "
+        "the GPU was reset (recovery action none); 4 virtual devices affected"
+    ]
