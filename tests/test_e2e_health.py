@@ -174,6 +174,27 @@ def test_lost_gpu_recovers_after_reset(start: Start, kubelet: FakeKubelet) -> No
     kubelet.wait_for_list(GPU, lambda d: not d.unhealthy_ids)
 
 
+def test_double_bit_ecc_xid_recovers_after_reset(start: Start, kubelet: FakeKubelet) -> None:
+    """XID 48 on GPU 2, which keeps answering: its 4 replicas stay Unhealthy past the quiet
+    period, and `reset_gpu` (recovery action back to none) makes all 32 Healthy again."""
+    daemon, state = start()
+    gpu2 = daemon.inventory.gpu(2).uuid
+    injected = time.monotonic()
+    inject_xid(state, 2, 48)
+    sick = kubelet.wait_for_list(GPU, lambda d: bool(d.unhealthy_ids))
+    assert set(sick.unhealthy_ids) == {f"{gpu2}::{n}" for n in range(4)}
+    monitor = monitor_of(daemon)
+    probes = monitor.stats().probes
+    wait_until(lambda: monitor.stats().probes >= probes + 8 * 8  # 8 probe rounds ...
+               and time.monotonic() - injected > 0.3)  # ... and the 300 ms quiet period
+    assert unhealthy(kubelet, daemon) == replicas_of(daemon, gpu2)
+    reset_at = time.monotonic()
+    reset_gpu(state, 2)
+    well = kubelet.wait_for_list(GPU, lambda d: not d.unhealthy_ids)
+    assert len(well.healthy_ids) == 32
+    assert well.at - reset_at < 2.0
+
+
 def test_edited_quiet_period_applies_on_reload(
     start: Start, kubelet: FakeKubelet, tmp_path: Path
 ) -> None:
