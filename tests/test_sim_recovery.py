@@ -10,7 +10,7 @@ import pynvml
 import pytest
 
 from plugin.cli import main
-from sharing.errors import GpuLost
+from sharing.errors import GpuLost, NvmlError
 from sharing.nvml import NODES_DIR, Nvml
 from sharing.nvml.recovery import FIELD_RECOVERY_ACTION, recovery_action_name
 from sharing.nvml.sim import SimNvml, inject_event, inject_xid, lose_gpu, reset_gpu, show
@@ -167,6 +167,40 @@ def test_adapter_none_when_not_reported(
     older.init()
     assert older.recovery_action(GPU) is None
     older.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        pytest.param(pynvml.NVML_ERROR_NOT_SUPPORTED, None, id="NOT_SUPPORTED: not reported"),
+        pytest.param(pynvml.NVML_ERROR_INVALID_ARGUMENT, None, id="unknown field: not reported"),
+        pytest.param(pynvml.NVML_ERROR_GPU_IS_LOST, GpuLost, id="GPU_IS_LOST: GpuLost"),
+        pytest.param(pynvml.NVML_ERROR_TIMEOUT, NvmlError, id="TIMEOUT: NvmlError"),
+    ],
+)
+def test_adapter_maps_the_value_return_code(
+    sim_nvml: Callable[..., tuple[Nvml, Path]], code: int, outcome: type | None
+) -> None:
+    """A field value's own return code is mapped like a call's."""
+    _, state = sim_nvml("dgx-a100")
+
+    class Answering(SimNvml):
+        """A library whose field values all answer `code`."""
+
+        def nvmlDeviceGetFieldValues(self, handle: object, fieldIds: list) -> ctypes.Array:
+            values = super().nvmlDeviceGetFieldValues(handle, fieldIds)
+            for value in values:
+                value.nvmlReturn = code
+            return values
+
+    nvml = Nvml(Answering(state))
+    nvml.init()
+    if outcome is None:
+        assert nvml.recovery_action(GPU) is None
+    else:
+        with pytest.raises(outcome, match=r"nvmlDeviceGetFieldValues\(recovery action\)"):
+            nvml.recovery_action(GPU)
+    nvml.shutdown()
 
 
 def test_sim_show_prints_the_action(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -27,6 +27,9 @@ _UNAVAILABLE = frozenset({
     pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,
 })  # fmt: skip
 _NOT_SUPPORTED = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
+# A field value answering these means the driver does not report that field (a driver older than
+# the field ID may answer INVALID_ARGUMENT rather than NOT_SUPPORTED).
+_FIELD_UNKNOWN = _NOT_SUPPORTED | {pynvml.NVML_ERROR_INVALID_ARGUMENT}
 _LOST = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_UNKNOWN})
 _CODE_NAMES = {
     getattr(pynvml, name): name for name in dir(pynvml) if name.startswith("NVML_ERROR_")
@@ -139,7 +142,7 @@ class Nvml:
             [value] = self.call(function, handle, [FIELD_RECOVERY_ACTION])
         except NvmlNotSupported:
             return None
-        if value.nvmlReturn in _NOT_SUPPORTED:
+        if value.nvmlReturn in _FIELD_UNKNOWN:
             return None
         if value.nvmlReturn != pynvml.NVML_SUCCESS:
             raise translate(pynvml.NVMLError(value.nvmlReturn), f"{function}(recovery action)")
