@@ -19,6 +19,7 @@ import grpc
 
 from plugin import convert
 from plugin.api import KUBELET_SOCKET, pb_grpc
+from plugin.watch import PollLoop
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,12 @@ class KubeletLink:
         self.kubelet_dir = kubelet_dir
         self._sockets = sockets
         self._restart_servers = restart_servers
-        self._poll_s = poll_s
         self._retry_s = retry_s
         self._register_timeout_s = register_timeout_s
         self._pending: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._lock = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollLoop("kubelet-watch", self.poll_once, poll_s=poll_s, delay_first=False)
         self._kubelet: tuple[int, int] | None = None
         self._kubelet_lost = False
         self.registrations = 0
@@ -137,24 +136,11 @@ class KubeletLink:
     def start(self) -> None:
         """Start the watch thread; every resource then served is registered."""
         self.request(self._sockets())
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="kubelet-watch", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         """Stop the watch thread; safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # noqa: BLE001 - the watch must outlive any one failure
-                log.exception("kubelet watch: unexpected error; retrying")
-            self._stop.wait(self._poll_s)
+        self._loop.stop()
 
     def poll_once(self) -> None:
         """One look at the kubelet directory: restart and re-register when needed."""
