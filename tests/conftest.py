@@ -1,4 +1,4 @@
-"""Shared fixtures: simulated nodes, the NVML adapter over them, and their inventories.
+"""Shared fixtures: simulated nodes, the NVML adapter over them, their inventories, and a kubelet.
 
 The simulated NVML is injected as the library object (`Nvml(SimNvml(state_dir))`), never patched
 in. Each fixture call creates a fresh state directory under the test's tmp_path.
@@ -15,6 +15,23 @@ import pytest
 from sharing.devices import Inventory
 from sharing.nvml import Nvml, read_inventory
 from sharing.nvml.sim import SimNvml, create_state
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
+
+
+@pytest.fixture
+def kubelet_dir() -> Iterator[Path]:
+    """A short kubelet directory under /tmp (unix socket paths are limited to ~107 bytes)."""
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
+    """The kubelet stand-in serving kubelet.sock in `kubelet_dir`."""
+    fake = FakeKubelet(kubelet_dir)
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture

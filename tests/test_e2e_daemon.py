@@ -16,7 +16,6 @@ import pytest
 
 from plugin.daemon import Daemon
 from tests.fakes.kubelet import FakeKubelet
-from tests.fakes.sockets import short_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPAT = ROOT / "tests" / "data" / "compat" / "nvidia-device-plugin"  # copied from shared/compat
@@ -41,21 +40,6 @@ def sim_node(tmp_path: Path) -> Path:
     state = tmp_path / "node"
     create_state("dgx-a100", state)
     return state
-
-
-@pytest.fixture
-def kubelet_dir() -> Iterator[Path]:
-    """A short kubelet directory (unix socket paths are limited to ~107 bytes)."""
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
-    """The kubelet stand-in serving kubelet.sock."""
-    fake = FakeKubelet(kubelet_dir)
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -69,22 +67,6 @@ class Node:
         self.link.stop()
         for server in self.servers.values():
             server.stop()
-
-
-@pytest.fixture
-def kubelet_dir() -> Iterator[Path]:
-    """A short directory (unix socket paths are limited to ~107 bytes)."""
-    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="gs-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
-    """A kubelet stand-in serving kubelet.sock."""
-    fake = FakeKubelet(kubelet_dir)
-    yield fake
-    fake.stop()
 
 
 def serve(kubelet_dir: Path, plan: Plan) -> Node:

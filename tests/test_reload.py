@@ -14,7 +14,6 @@ import pytest
 
 from plugin.daemon import Daemon
 from tests.fakes.kubelet import FakeKubelet
-from tests.fakes.sockets import short_dir
 
 
 def time_slicing(replicas: int, *, rename: bool = False) -> str:
@@ -24,21 +23,6 @@ def time_slicing(replicas: int, *, rename: bool = False) -> str:
         f"    renameByDefault: {str(rename).lower()}\n"
         f"    resources:\n      - name: nvidia.com/gpu\n        replicas: {replicas}\n"
     )
-
-
-@pytest.fixture
-def kubelet_dir() -> Iterator[Path]:
-    """A short kubelet directory."""
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
-    """The kubelet stand-in."""
-    fake = FakeKubelet(kubelet_dir)
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
