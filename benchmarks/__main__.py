@@ -21,6 +21,7 @@ def _suites(quick: bool) -> dict[str, tuple]:
         "allocate": (measure.allocate_latency, 2000 // scale if not quick else 300),
         "preferred": (measure.preferred, 500 // scale),
         "plan": (measure.plan_build, 20 // (2 if quick else 1)),
+        "inventory": (measure.inventory_read, 100 // scale),
         "health": (measure.health_propagation, 30 // (3 if quick else 1)),
         "reregister": (measure.reregistration, 20 // (2 if quick else 1)),
         "coldstart": (measure.cold_start, 5 // (5 if quick else 1) or 1),
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Measure gpushare: Allocate latency over the unix socket, preferred "
-        "allocation, build_plan, health propagation, re-registration, cold start, resident "
-        "memory and config reload, on simulated nodes. Prints a table and writes JSON.",
+        "allocation, build_plan, read_inventory, health propagation, re-registration, cold "
+        "start, resident memory and config reload, on simulated nodes. Prints a table and "
+        "writes JSON.",
     )
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")

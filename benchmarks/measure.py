@@ -120,6 +120,18 @@ def plan_build(runs: int) -> list[Figure]:
     return figures
 
 
+def inventory_read(runs: int) -> list[Figure]:
+    """read_inventory of dgx-a100 through the simulated NVML (all GPUs, links, MIG, processes)."""
+    with nvml_session(load_library(NODE)) as nvml:
+        read_inventory(nvml)
+        samples = _timed(partial(read_inventory, nvml), runs)
+    return [
+        Figure.from_samples(
+            "read_inventory", NODE, "ms", samples, target_median=50.0, target_text="<50"
+        )
+    ]
+
+
 def _gpu_uuids(node: DaemonUnderTest) -> list[str]:
     """The simulated node's GPU UUIDs, read through NVML as the daemon reads them."""
     with nvml_session(load_library(str(node.state_dir))) as nvml:
