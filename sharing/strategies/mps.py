@@ -3,6 +3,7 @@ with per-client limits (facts §4)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from sharing import mps
@@ -31,16 +32,7 @@ class MpsSharing:
             )
         for member in group.members:
             _check_member(member)
-        plan = expand(group, options, "mps")
-        return ResourcePlan(
-            name=plan.name,
-            original_name=plan.original_name,
-            strategy=plan.strategy,
-            devices=plan.devices,
-            replicas=plan.replicas,
-            fail_requests_greater_than_one=plan.fail_requests_greater_than_one,
-            mps=_spec(group, options),
-        )
+        return replace(expand(group, options, "mps"), mps=_spec(group, options))
 
 
 def _check_member(member: Member) -> None:
