@@ -322,6 +322,106 @@ def test_diff_names_added_removed_and_changed_resources() -> None:
     )
 
 
+def _busy(inventory: Inventory) -> Inventory:
+    """The inventory with a process running on every GPU and every MIG device."""
+    gpus = tuple(
+        replace(
+            g,
+            processes=(100 + g.index,),
+            mig_devices=tuple(replace(m, processes=(200 + m.index,)) for m in g.mig_devices),
+        )
+        for g in inventory.gpus
+    )
+    return replace(inventory, gpus=gpus)
+
+
+MIXED_TEXT = "version: v1\nflags: {migStrategy: mixed}\n"
+MPS_TEXT = "version: v1\nflags: {mpsRoot: /run/nvidia/mps}\n"
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "changed"),
+    [
+        pytest.param(
+            (MIG_MIXED, MIXED_TEXT),
+            (_busy(MIG_MIXED), MIXED_TEXT),
+            (),
+            id="processes starting on GPUs and MIG devices change nothing served",
+        ),
+        pytest.param(
+            (
+                MIG_MIXED,
+                MIXED_TEXT
+                + "sharing: {timeSlicing: {resources: [{name: mig-1g.5gb, replicas: 2}]}}\n",
+            ),
+            (
+                _busy(MIG_MIXED),
+                MIXED_TEXT
+                + "sharing: {timeSlicing: {resources: [{name: mig-1g.5gb, replicas: 2}]}}\n",
+            ),
+            (),
+            id="processes on shared MIG devices change nothing served",
+        ),
+        pytest.param(
+            (A100, shared("timeSlicing", "{name: gpu, replicas: 2}")),
+            (A100, shared("timeSlicing", "{name: gpu, replicas: 3}")),
+            ("nvidia.com/gpu",),
+            id="replica count",
+        ),
+        pytest.param(
+            (A100, shared("timeSlicing", "{name: gpu, replicas: 2}")),
+            (
+                A100,
+                shared("timeSlicing", "{name: gpu, replicas: 2, failRequestsGreaterThanOne: true}"),
+            ),
+            ("nvidia.com/gpu",),
+            id="failRequestsGreaterThanOne",
+        ),
+        pytest.param(
+            (A100, shared("mps", "{name: gpu, replicas: 2}", flags="flags: {mpsRoot: /r}\n")),
+            (
+                A100,
+                shared(
+                    "mps",
+                    "{name: gpu, replicas: 2, activeThreadPercentage: 30}",
+                    flags="flags: {mpsRoot: /r}\n",
+                ),
+            ),
+            ("nvidia.com/gpu",),
+            id="MPS thread limit",
+        ),
+        pytest.param(
+            (MIG_MIXED, MIXED_TEXT),
+            (
+                with_mig(
+                    A100,
+                    {
+                        0: [("1g.5gb", s) for s in range(6)],
+                        1: [("3g.20gb", 0), ("2g.10gb", 4), ("1g.5gb", 6)],
+                    },
+                ),
+                MIXED_TEXT,
+            ),
+            ("nvidia.com/mig-1g.5gb",),
+            id="one MIG device fewer changes only its resource",
+        ),
+        pytest.param(
+            (A100, MPS_TEXT),
+            (_busy(A100), MPS_TEXT),
+            (),
+            id="unshared GPUs with processes",
+        ),
+    ],
+)
+def test_diff_marks_exactly_the_resources_whose_served_details_changed(
+    before: tuple[Inventory, str], after: tuple[Inventory, str], changed: tuple[str, ...]
+) -> None:
+    old = build_plan(before[0], cfg(before[1]))
+    new = build_plan(after[0], cfg(after[1]))
+    diff = old.diff(new)
+    assert (diff.added, diff.removed, diff.changed) == ((), (), changed)
+
+
 # --- errors --------------------------------------------------------------------------------
 
 OLD = pcie_gpus(2, name="Tesla V100", memory_mib=16384, cc=(7, 0), tag="v100")

@@ -6,7 +6,7 @@ its replica count and the config entry that chose it) into a `ResourcePlan` of v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from sharing.config_models import ReplicatedResource
@@ -104,14 +104,19 @@ def dev_paths(device: PhysicalDevice) -> tuple[str, ...]:
 
 
 def virtual_devices(member: Member, shared: bool) -> list[VirtualDevice]:
-    """The virtual devices of one member: the device itself, or its replicas `<uuid>::<n>`."""
+    """The virtual devices of one member: the device itself, or its replicas `<uuid>::<n>`.
+
+    The MIG identity is kept without its running processes: they are not served, and a process
+    starting or ending must not make the plan differ.
+    """
     device = member.device
+    mig = replace(device.mig, processes=()) if device.mig else None
     common = {
         "physical_id": device.uuid,
         "gpu_uuid": device.gpu.uuid,
         "gpu_index": device.gpu.index,
         "numa_node": device.gpu.numa_node,
-        "mig": device.mig,
+        "mig": mig,
         "index_id": device.index_id,
         "dev_paths": dev_paths(device),
     }
