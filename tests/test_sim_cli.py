@@ -58,6 +58,12 @@ def test_create_inject_process_reset_show(capsys, tmp_path: Path) -> None:
         pytest.param(["proc", "start", "--gpu", "1"], "GPU 1 is in MIG mode",
                      id="process without MIG device"),
         pytest.param(["proc", "stop", "--gpu", "2"], "no process on GPU 2", id="nothing to stop"),
+        pytest.param(["proc", "start", "--gpu", "2", "--used-mib", "-5"],
+                     "a process uses 0 MiB or more, got -5", id="negative memory"),
+        pytest.param(["proc", "start", "--gpu", "1", "--mig", "1:0", "--used-mib", "99999"],
+                     "GPU 1 MIG 1:0 has 39936 MiB free of 39936 MiB", id="too much memory"),
+        pytest.param(["inject-xid", "--gpu", "0", "--xid", "-5"],
+                     "an XID is a positive number, got -5", id="negative XID"),
     ],
 )  # fmt: skip
 def test_bad_requests_exit_2_with_a_clear_message(capsys, sim_state, argv, message) -> None:

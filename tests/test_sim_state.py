@@ -13,6 +13,7 @@ from sharing.nvml.sim import (
     SimError,
     create_state,
     inject_xid,
+    inject_xids,
     lose_gpu,
     reset_gpu,
     show,
@@ -228,3 +229,45 @@ def test_show_summarises_the_node(sim_state) -> None:
     assert "GI 3  CI 0  1g.6gb" in text
     assert "LOST (GPU has fallen off the bus)" in text
     assert "#1 GPU 0 MIG 3:0 XID 31; #2 GPU 3 XID 79" in text
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        pytest.param(lambda s: start_process(s, 2, used_mib=-5),
+                     r"a process uses 0 MiB or more, got -5", id="negative memory"),
+        pytest.param(lambda s: start_process(s, 2, used_mib=23035),
+                     r"GPU 2 has 23034 MiB free of 23034 MiB, a process of 23035 MiB does not fit",
+                     id="more than the GPU has"),
+        pytest.param(lambda s: start_process(s, 0, gi=7, ci=0, used_mib=9729),
+                     r"GPU 0 MIG 7:0 has 9728 MiB free of 9728 MiB", id="more than the MIG device"),
+        pytest.param(lambda s: [start_process(s, 3, used_mib=20000) for _ in range(2)],
+                     r"GPU 3 has 3034 MiB free of 23034 MiB", id="more than is left"),
+        pytest.param(lambda s: inject_xid(s, 0, -5), r"an XID is a positive number, got -5",
+                     id="negative XID"),
+        pytest.param(lambda s: inject_xid(s, 0, 0), r"an XID is a positive number, got 0",
+                     id="XID 0"),
+        pytest.param(lambda s: inject_xids(s, [(0, 79, None, None), (1, -1, None, None)]),
+                     r"got -1", id="negative XID in a storm"),
+        pytest.param(lambda s: lose_gpu(s, 0, xid=2**64), r"got 18446744073709551616",
+                     id="XID beyond the event data field"),
+    ],
+)  # fmt: skip
+def test_values_nvml_cannot_report_are_refused(sim_state, action, message: str) -> None:
+    state = sim_state("mixed")
+    before = StateStore(state).read()
+    with pytest.raises(SimError, match=message):
+        action(state)
+    after = StateStore(state).read()
+    assert after["events"] == before["events"]
+    assert [g["procs"] for g in after["gpus"]][:3] == [g["procs"] for g in before["gpus"]][:3]
+
+
+def test_node_file_process_that_does_not_fit_is_a_config_error(tmp_path: Path) -> None:
+    node = tmp_path / "n.yaml"
+    node.write_text(
+        "name: n\ngpus:\n  - {model: L4, bus_id: '00000000:01:00.0', "
+        "processes: [{used_mib: 30000}]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"gpus\[0\]\.processes\[0\].*does not fit"):
+        create_state(node, tmp_path / "s")

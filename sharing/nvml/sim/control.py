@@ -16,6 +16,7 @@ import pynvml
 
 from sharing.errors import ConfigError
 from sharing.nvml.nodes import node_file
+from sharing.nvml.profiles import CardModel
 from sharing.nvml.sim import engine, recovery
 from sharing.nvml.sim.spec import COMPUTE_MODES, NodeSpec, load_node_file, parse_node
 from sharing.nvml.sim.state import (
@@ -92,9 +93,10 @@ def initial_state(spec: NodeSpec, source: str) -> State:
                     f"{list(profile.starts)}, no overlap)"
                 ) from err
         for k, proc in enumerate(gpu_spec.processes):
-            where = f"{source}: gpus[{i}].processes[{k}].mig"
-            gi_id, ci_id = _parse_mig(proc.mig, where) if proc.mig else (None, None)
-            _check_target(gpu, i, gi_id, ci_id, error=ConfigError, where=where)
+            where = f"{source}: gpus[{i}].processes[{k}]"
+            gi_id, ci_id = _parse_mig(proc.mig, f"{where}.mig") if proc.mig else (None, None)
+            _check_target(gpu, i, gi_id, ci_id, error=ConfigError, where=f"{where}.mig")
+            _check_fits(card, gpu, i, gi_id, ci_id, proc.used_mib, error=ConfigError, where=where)
             _add_process(state, gpu, gi_id, ci_id, proc.used_mib)
     return state
 
@@ -165,6 +167,39 @@ def _check_target(
         )
 
 
+def _check_fits(
+    card: CardModel,
+    gpu_state: dict[str, Any],
+    gpu: int,
+    gi: int | None,
+    ci: int | None,
+    used_mib: int,
+    error: type[Exception] = SimError,
+    where: str = "",
+) -> None:
+    """Refuse a process whose memory is negative or more than its GPU / MIG device has free."""
+    prefix = f"{where}: " if where else ""
+    if used_mib < 0:
+        raise error(f"{prefix}a process uses 0 MiB or more, got {used_mib}")
+    target = f"GPU {gpu}"
+    total = card.memory_mib
+    if gi is not None:
+        entry = next(g for g in gpu_state["gis"] if g["id"] == gi)
+        total = card.profile_by_id(entry["profile_id"]).memory_mib
+        target += f" MIG {gi}:{ci}"
+    held = sum(p["used_mib"] for p in gpu_state["procs"] if (p["gi"], p["ci"]) == (gi, ci))
+    if held + used_mib > total:
+        raise error(
+            f"{prefix}{target} has {total - held} MiB free of {total} MiB, "
+            f"a process of {used_mib} MiB does not fit"
+        )
+
+
+def _check_xid(xid: int) -> None:
+    if not 0 < xid < 2**64:
+        raise SimError(f"an XID is a positive number, got {xid}")
+
+
 def _add_process(
     state: State, gpu: dict[str, Any], gi: int | None, ci: int | None, used_mib: int
 ) -> int:
@@ -202,6 +237,7 @@ def inject_xid(
     state_dir: Path, gpu: int, xid: int, gi: int | None = None, ci: int | None = None
 ) -> int:
     """Emit an XID critical error event; returns its sequence number."""
+    _check_xid(xid)
     return inject_event(state_dir, gpu, pynvml.nvmlEventTypeXidCriticalError, xid, gi, ci)
 
 
@@ -214,6 +250,7 @@ def inject_xids(state_dir: Path, events: Iterable[tuple[int, int, int | None, in
     seq = 0
     with StateStore(Path(state_dir)).mutate() as state:
         for gpu, xid, gi, ci in events:
+            _check_xid(xid)
             gpu_state = _gpu(state, gpu)
             if gi is not None:
                 _check_target(gpu_state, gpu, gi, ci)
@@ -228,6 +265,8 @@ def lose_gpu(
 
     A lost GPU needs a reset: its recovery action becomes GPU_RESET whatever `xid` is.
     """
+    if xid is not None:
+        _check_xid(xid)
     with StateStore(Path(state_dir)).mutate() as state:
         gpu_state = _gpu(state, gpu)
         gpu_state["lost"] = True
@@ -254,6 +293,7 @@ def start_process(
         if gpu_state["lost"]:
             raise SimError(f"GPU {gpu} is lost: reset it first")
         _check_target(gpu_state, gpu, gi, ci)
+        _check_fits(load_spec(state_dir).card(gpu), gpu_state, gpu, gi, ci, used_mib)
         return _add_process(state, gpu_state, gi, ci, used_mib)
 
 
