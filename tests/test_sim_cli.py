@@ -100,3 +100,18 @@ def test_help_texts(capsys, argv, expected: str) -> None:
         main(argv)
     assert info.value.code == 0
     assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [pytest.param("file", "exists and is not a directory", id="a file"),
+     pytest.param("file/node", "cannot create the state directory: Not a directory",
+                  id="under a file")],
+)  # fmt: skip
+def test_create_where_no_directory_can_be(capsys, tmp_path: Path, state: str, message) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    status, out, err = run(capsys, "sim", "create", "laptop", "--state", str(tmp_path / state))
+    assert (status, out) == (2, "")
+    assert err.startswith("gpushare sim: error: ")
+    assert message in err
+    assert len(err.splitlines()) == 1

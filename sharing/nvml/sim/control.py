@@ -46,14 +46,19 @@ def create_state(node: str | Path, state_dir: Path) -> Path:
     state_dir = Path(state_dir)
     if is_state_dir(state_dir):
         raise SimError(f"{state_dir}: already a simulated node state directory")
+    if state_dir.exists() and not state_dir.is_dir():
+        raise SimError(f"{state_dir}: exists and is not a directory")
     if state_dir.exists() and any(state_dir.iterdir()):
         raise SimError(f"{state_dir}: directory exists and is not empty")
     state = initial_state(spec, str(source))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / NODE_FILE).write_text(text)
-    (state_dir / LOCK_FILE).touch()
-    _write_host_files(spec, state_dir / HOST_DIR)
-    write_atomic(state_dir / STATE_FILE, json.dumps(state, sort_keys=True).encode())
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / NODE_FILE).write_text(text)
+        (state_dir / LOCK_FILE).touch()
+        _write_host_files(spec, state_dir / HOST_DIR)
+        write_atomic(state_dir / STATE_FILE, json.dumps(state, sort_keys=True).encode())
+    except OSError as err:
+        raise SimError(f"{state_dir}: cannot create the state directory: {err.strerror}") from err
     return state_dir
 
 
