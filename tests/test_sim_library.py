@@ -39,6 +39,22 @@ def test_function_has_the_pynvml_signature(name: str) -> None:
     assert _parameters(getattr(SimNvml, name)) == _parameters(getattr(pynvml, name))
 
 
+SIM_FUNCTIONS = sorted(
+    name
+    for name in dir(SimNvml)
+    if name.startswith("nvml") and inspect.isfunction(getattr(SimNvml, name))
+)
+
+
+@pytest.mark.parametrize("name", SIM_FUNCTIONS)
+def test_every_simulated_function_is_pynvml_shaped(name: str) -> None:
+    real = getattr(pynvml, name)
+    sim = inspect.signature(getattr(SimNvml, name)).parameters.values()
+    assert [(p.name, p.default) for p in sim if p.name != "self"] == [
+        (p.name, p.default) for p in inspect.signature(real).parameters.values()
+    ]
+
+
 @pytest.fixture
 def lib(sim_state) -> SimNvml:
     """An initialised simulated library on the mixed node."""
@@ -169,6 +185,22 @@ def _lost(lib: SimNvml) -> None:
             pynvml.NVMLError_Timeout,
             pynvml.NVML_ERROR_TIMEOUT,
             id="event timeout",
+        ),
+        pytest.param(
+            lambda lib: lib.nvmlDeviceGetGpuInstanceProfileInfo(
+                lib.nvmlDeviceGetHandleByIndex(0), 0, 3
+            ),
+            pynvml.NVMLError_FunctionNotFound,
+            pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+            id="GI profile info version 3",
+        ),
+        pytest.param(
+            lambda lib: lib.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                lib.nvmlDeviceGetGpuInstanceById(lib.nvmlDeviceGetHandleByIndex(0), 2), 0, 0, 3
+            ),
+            pynvml.NVMLError_FunctionNotFound,
+            pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
+            id="CI profile info version 3",
         ),
         pytest.param(
             lambda lib: lib.nvmlDeviceSetComputeMode(lib.nvmlDeviceGetHandleByIndex(0), 1),

@@ -163,8 +163,10 @@ class SimMig(SimBase):
         if version == 2:
             info = pynvml.c_nvmlComputeInstanceProfileInfo_v2_t()
             info.name = f"MIG {slices}c".encode()
-        else:
+        elif version == 1:
             info = pynvml.c_nvmlComputeInstanceProfileInfo_t()
+        else:
+            fail(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
         info.id, info.sliceCount, info.instanceCount = profile, slices, count
         info.multiprocessorCount = sms
         return info
