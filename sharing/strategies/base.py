@@ -36,18 +36,6 @@ class PhysicalDevice:
         """GPU index, then MIG device index (-1 for a full GPU)."""
         return (self.gpu.index, self.mig.index if self.mig else -1)
 
-    @property
-    def memory_mib(self) -> int:
-        """Memory of the device itself (the MIG device's, for MIG)."""
-        return self.mig.memory_mib if self.mig else self.gpu.memory_mib
-
-    @property
-    def product(self) -> str:
-        """Product label value: model with '-' for spaces, plus `-MIG-<profile>` for MIG."""
-        if self.mig is None:
-            return self.gpu.product
-        return f"{self.gpu.product}-MIG-{self.mig.profile.replace('+', '.')}"
-
     def describe(self) -> str:
         """Human form for messages: `GPU 3 (GPU-…)` or `MIG device 3:1 (MIG-…, 1g.5gb)`."""
         if self.mig is None:
