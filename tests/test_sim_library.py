@@ -8,6 +8,7 @@ import inspect
 import pynvml
 import pytest
 
+from sharing.nvml import Nvml, read_inventory
 from sharing.nvml.sim import SimNvml, lose_gpu
 
 USED_FUNCTIONS = """
@@ -101,6 +102,23 @@ def test_caller_allocated_arrays_are_filled(lib: SimNvml) -> None:
     gis = (pynvml.c_nvmlGpuInstance_t * 7)()
     lib.nvmlDeviceGetGpuInstances(gpu, 19, gis, ctypes.byref(count))
     assert sorted(lib.nvmlGpuInstanceGetInfo(g).id for g in gis[: count.value]) == [7, 8]
+
+
+@pytest.mark.parametrize(
+    ("ci_profile", "name"),
+    [pytest.param(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE, "1c.3g.40gb", id="1c of a 3g"),
+     pytest.param(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE, "2c.3g.40gb", id="2c of a 3g"),
+     pytest.param(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE, "3g.40gb", id="full CI")],
+)  # fmt: skip
+def test_mig_device_name_tells_a_partial_compute_instance(lib: SimNvml, ci_profile, name) -> None:
+    gpu = lib.nvmlDeviceGetHandleByIndex(1)
+    gi = lib.nvmlDeviceGetGpuInstanceById(gpu, 2)
+    lib.nvmlComputeInstanceDestroy(lib.nvmlGpuInstanceGetComputeInstanceById(gi, 0))
+    lib.nvmlGpuInstanceCreateComputeInstance(gi, ci_profile)
+    mig = lib.nvmlDeviceGetMigDeviceHandleByIndex(gpu, 1)
+    assert lib.nvmlDeviceGetName(mig) == f"NVIDIA A100 80GB PCIe MIG {name}"
+    nvml = Nvml(lib)
+    assert read_inventory(nvml).gpus[1].mig_devices[1].profile == name
 
 
 def test_processes_are_friendly_objects(lib: SimNvml, sim_state) -> None:

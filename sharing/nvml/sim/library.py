@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pynvml
 
-from sharing.nvml.profiles import MIB
+from sharing.nvml.profiles import MIB, canonical_name
 from sharing.nvml.sim import handles, recovery
 from sharing.nvml.sim.base import SimBase, Target
 from sharing.nvml.sim.engine import fail
@@ -105,11 +105,13 @@ class SimNvml(SimEvents, SimMig, SimBase):
         return self._uuids[t.index]
 
     def nvmlDeviceGetName(self, handle: object) -> str:
-        """Product name (`<name> MIG <profile>` for a MIG device)."""
+        """Product name (`<name> MIG [<C>c.]<profile>` for a MIG device)."""
         t = self._device(handle, alive=False)
-        if t.is_mig:
-            return f"{t.card.name} MIG {t.card.profile_by_id(t.gi['profile_id']).name}"
-        return t.card.name
+        if not t.is_mig:
+            return t.card.name
+        p = t.card.profile_by_id(t.gi["profile_id"])
+        name = canonical_name(p.slices, p.memory_mib, t.card.memory_mib, p.index, t.ci["slices"])
+        return f"{t.card.name} MIG {name}"
 
     def nvmlDeviceGetPciInfo(self, handle: object) -> pynvml.nvmlPciInfo_t:
         """PCI info (a MIG device reports its parent's)."""
