@@ -15,6 +15,8 @@ from typing import Any
 import pynvml
 
 from sharing.errors import ConfigError
+from sharing.nvml.adapter import code_name
+from sharing.nvml.host import MIG_MINORS
 from sharing.nvml.nodes import node_file
 from sharing.nvml.profiles import CardModel
 from sharing.nvml.sim import engine, recovery
@@ -33,7 +35,6 @@ from sharing.nvml.sim.state import (
 )
 
 FIRST_PID = 50000
-MIG_MINORS = "proc/driver/nvidia-caps/mig-minors"
 _GIS_PER_GPU = 15
 _CIS_PER_GI = 8
 
@@ -94,7 +95,7 @@ def initial_state(spec: NodeSpec, source: str) -> State:
             except pynvml.NVMLError as err:
                 raise ConfigError(
                     f"{where}: {inst.profile} at start {inst.start} refused: "
-                    f"{_code_name(err.value)} (allowed starts "
+                    f"{code_name(err.value)} (allowed starts "
                     f"{list(profile.starts)}, no overlap)"
                 ) from err
         for k, proc in enumerate(gpu_spec.processes):
@@ -104,13 +105,6 @@ def initial_state(spec: NodeSpec, source: str) -> State:
             _check_fits(card, gpu, i, gi_id, ci_id, proc.used_mib, error=ConfigError, where=where)
             _add_process(state, gpu, gi_id, ci_id, proc.used_mib)
     return state
-
-
-def _code_name(code: int) -> str:
-    for name in dir(pynvml):
-        if name.startswith("NVML_ERROR_") and getattr(pynvml, name) == code:
-            return name
-    return f"NVML error {code}"
 
 
 def _parse_mig(text: str, where: str) -> tuple[int, int]:
