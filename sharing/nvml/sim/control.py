@@ -16,7 +16,7 @@ import pynvml
 
 from sharing.errors import ConfigError
 from sharing.nvml.adapter import code_name
-from sharing.nvml.host import MIG_MINORS
+from sharing.nvml.host import MIG_MINORS, sysfs_bus_id
 from sharing.nvml.nodes import node_file
 from sharing.nvml.profiles import CardModel
 from sharing.nvml.sim import engine, recovery
@@ -116,8 +116,7 @@ def _parse_mig(text: str, where: str) -> tuple[int, int]:
 
 def _write_host_files(spec: NodeSpec, root: Path) -> None:
     for gpu in spec.gpus:
-        domain, rest = gpu.bus_id.split(":", 1)
-        sysfs = root / "sys/bus/pci/devices" / f"{int(domain, 16):04x}:{rest.lower()}"
+        sysfs = root / "sys/bus/pci/devices" / sysfs_bus_id(gpu.bus_id)
         sysfs.mkdir(parents=True, exist_ok=True)
         (sysfs / "numa_node").write_text(f"{-1 if gpu.numa_node is None else gpu.numa_node}\n")
     lines = ["config 1", "monitor 2"]
