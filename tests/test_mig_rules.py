@@ -27,7 +27,7 @@ from sharing.nvml import (
     set_mig_mode,
 )
 from sharing.nvml.profiles import gpu_instance_id
-from sharing.nvml.sim import reset_gpu, start_process, stop_process
+from sharing.nvml.sim import engine, reset_gpu, start_process, stop_process
 
 P = pynvml
 SHAPES = {
@@ -262,3 +262,33 @@ def test_requesting_the_current_mode_is_a_no_op_even_with_processes(sim_nvml) ->
     start_process(state, 0)
     mode = set_mig_mode(nvml, 0, False)
     assert (mode.current, mode.pending, mode.activation_status) == (False, False, 0)
+
+
+ENGINE_ERRORS = {
+    MigNoRoom: pynvml.NVMLError_InsufficientResources,
+    MigBadRequest: pynvml.NVMLError_InvalidArgument,
+}
+EIGHT_SLOT_MODELS = [model for model, card in CARDS.items() if card.mig_slots == 8]
+
+
+@pytest.mark.parametrize("model", EIGHT_SLOT_MODELS)
+@pytest.mark.parametrize(("steps", "then"), EIGHT_SLOT_CASES)
+def test_eight_slot_rules_hold_on_every_eight_slot_card(model: str, steps, then) -> None:
+    card = CARDS[model]
+    gpu = {"mig_current": 1, "gis": [], "procs": []}
+    for shape, start in steps:
+        engine.create_gi(card, gpu, card.profile_by_index(SHAPES[shape]).id, start)
+    if then is not None:
+        shape, start, error = then
+        with pytest.raises(ENGINE_ERRORS[error]):
+            engine.create_gi(card, gpu, card.profile_by_index(SHAPES[shape]).id, start)
+    assert len(gpu["gis"]) == len(steps)
+    taken = [
+        slot
+        for gi in gpu["gis"]
+        for slot in card.profile_by_id(gi["profile_id"]).slots(gi["start"])
+    ]
+    assert len(taken) == len(set(taken))
+    for gi in gpu["gis"]:
+        size = card.profile_by_id(gi["profile_id"]).size
+        assert gi["id"] == gpu_instance_id(8, gi["start"], size)

@@ -95,3 +95,56 @@ def test_eight_slot_table_matches_facts() -> None:
 )
 def test_gpu_instance_ids(slots: int, start: int, size: int, gi_id: int) -> None:
     assert gpu_instance_id(slots, start, size) == gi_id
+
+
+EIGHT_SLOT_ROWS = [
+    # NVML profile index, profile id, G, slots, max, allowed starts (facts §6.3)
+    (P.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 19, 1, 1, 7, (0, 1, 2, 3, 4, 5, 6)),
+    (P.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 20, 1, 1, 1, (0, 1, 2, 3, 4, 5, 6)),
+    (P.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 15, 1, 2, 4, (0, 2, 4, 6)),
+    (P.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 14, 2, 2, 3, (0, 2, 4)),
+    (P.NVML_GPU_INSTANCE_PROFILE_3_SLICE, 9, 3, 4, 2, (0, 4)),
+    (P.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 5, 4, 4, 1, (0,)),
+    (P.NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, 7, 8, 1, (0,)),
+]
+A30_ROWS = [
+    (P.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 14, 1, 1, 4, (0, 1, 2, 3)),
+    (P.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 21, 1, 1, 1, (0, 1, 2, 3)),
+    (P.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 5, 2, 2, 2, (0, 2)),
+    (P.NVML_GPU_INSTANCE_PROFILE_2_SLICE_REV1, 6, 2, 2, 1, (0, 2)),
+    (P.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 0, 4, 4, 1, (0,)),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "pci_id", "slots", "rows"),
+    [pytest.param("A100-SXM4-40GB", 0x20B010DE, 8, EIGHT_SLOT_ROWS, id="A100-SXM4-40GB"),
+     pytest.param("A100-SXM4-80GB", 0x20B210DE, 8, EIGHT_SLOT_ROWS, id="A100-SXM4-80GB"),
+     pytest.param("A100-PCIE-80GB", 0x20B510DE, 8, EIGHT_SLOT_ROWS, id="A100-PCIE-80GB"),
+     pytest.param("H100-SXM5-80GB", 0x233010DE, 8, EIGHT_SLOT_ROWS, id="H100-SXM5-80GB"),
+     pytest.param("H100-PCIE-80GB", 0x233110DE, 8, EIGHT_SLOT_ROWS, id="H100-PCIE-80GB"),
+     pytest.param("H100-NVL-94GB", 0x232110DE, 8, EIGHT_SLOT_ROWS, id="H100-NVL-94GB"),
+     pytest.param("H200-SXM-141GB", 0x233510DE, 8, EIGHT_SLOT_ROWS, id="H200-SXM-141GB"),
+     pytest.param("A30", 0x20B710DE, 4, A30_ROWS, id="A30")],
+)  # fmt: skip
+def test_every_card_table_row_matches_facts(model: str, pci_id: int, slots: int, rows) -> None:
+    card = CARDS[model]
+    assert (card.pci_device_id, card.mig_slots) == (pci_id, slots)
+    assert [(p.index, p.id, p.slices, p.size, p.max_count, p.starts) for p in card.profiles] == rows
+    for p in card.profiles:
+        assert all(start % p.size == 0 and start + p.size <= slots for start in p.starts)
+        assert p.name == canonical_name(p.slices, p.memory_mib, card.memory_mib, p.index)
+
+
+@pytest.mark.parametrize(
+    ("model", "memory_mib", "sms"),
+    [pytest.param("A100-SXM4-40GB", (4864, 4864, 9856, 9856, 19968, 19968, 40192),
+                  (14, 14, 14, 28, 42, 56, 98), id="A100-SXM4-40GB"),
+     pytest.param("H100-SXM5-80GB", None, (16, 16, 26, 32, 60, 64, 132), id="H100-SXM5-80GB"),
+     pytest.param("H100-PCIE-80GB", None, (16, 16, 26, 32, 60, 64, 132), id="H100-PCIE-80GB")],
+)  # fmt: skip
+def test_documented_memory_and_sm_counts(model: str, memory_mib, sms) -> None:
+    profiles = CARDS[model].profiles
+    if memory_mib is not None:
+        assert tuple(p.memory_mib for p in profiles) == memory_mib
+    assert tuple(p.multiprocessor_count for p in profiles) == sms
