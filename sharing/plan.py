@@ -203,11 +203,7 @@ def build_plan(inventory: Inventory, config: Config) -> Plan:
     from sharing.strategies.selection import build_groups
 
     options = serve_options(config)
-    if config.sharing.mps is not None and options.mig_strategy == "mixed":
-        raise PlanError(
-            'sharing.mps: MPS cannot be used with flags.migStrategy "mixed"; '
-            'use migStrategy "none" or "single"'
-        )
+    _check_mps_flags(config, options)
     physical = physical_devices(inventory, options.mig_strategy, config.resources)
     groups = build_groups(config, inventory, physical)
     resources = sorted(
@@ -221,6 +217,26 @@ def build_plan(inventory: Inventory, config: Config) -> Plan:
         labels=node_labels(resources, inventory, options.mig_strategy),
         topology=inventory.link_scores,
     )
+
+
+def _check_mps_flags(config: Config, options: ServeOptions) -> None:
+    """MPS needs mpsRoot and a migStrategy other than mixed, whatever devices the node has.
+
+    Raises:
+        PlanError: naming the flag, its value and what is allowed.
+    """
+    if config.sharing.mps is None:
+        return
+    if options.mig_strategy == "mixed":
+        raise PlanError(
+            'sharing.mps: MPS cannot be used with flags.migStrategy "mixed"; '
+            'use migStrategy "none" or "single"'
+        )
+    if not options.mps_root:
+        raise PlanError(
+            "sharing.mps: MPS needs flags.mpsRoot (or MPS_ROOT / --mps-root), "
+            "e.g. /run/nvidia/mps; it is not set"
+        )
 
 
 def _check_suffixes(resources: list[ResourcePlan]) -> None:

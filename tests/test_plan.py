@@ -596,6 +596,14 @@ PLAN_ERRORS = [
         id="MPS without mpsRoot",
     ),
     pytest.param(
+        shared("mps", "{name: mig-1g.5gb, replicas: 4}"),
+        A100,
+        {},
+        "sharing.mps: MPS needs flags.mpsRoot (or MPS_ROOT / --mps-root), e.g. /run/nvidia/mps; "
+        "it is not set",
+        id="MPS without mpsRoot on a node without the shared resource",
+    ),
+    pytest.param(
         shared("mps", "{name: gpu, replicas: 4}", flags=MIXED),
         MIG_MIXED,
         {"MPS_ROOT": "/m"},

@@ -21,15 +21,11 @@ class MpsSharing:
     def build_resource(self, group: ResourceGroup, options: ServeOptions) -> ResourcePlan:
         """Replicas of every member plus the MpsSpec of the resource's control daemon.
 
+        build_plan has checked mpsRoot and migStrategy for the whole config.
+
         Raises:
-            PlanError: MPS without mpsRoot, on MIG devices, or with more replicas than MPS clients.
+            PlanError: MPS on MIG devices, or with more replicas than MPS clients.
         """
-        where = group.section_path or "sharing.mps"
-        if not options.mps_root:
-            raise PlanError(
-                f"{where}: MPS needs flags.mpsRoot (or MPS_ROOT / --mps-root), "
-                "e.g. /run/nvidia/mps; it is not set"
-            )
         for member in group.members:
             _check_member(member)
         return replace(expand(group, options, "mps"), mps=_spec(group, options))
