@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pynvml
 import pytest
 
 from sharing.devices import ComputeMode
-from sharing.nvml import numa_reader_for, read_inventory, set_compute_mode, shipped_nodes
-from sharing.nvml.sim import lose_gpu, reset_gpu, start_process
+from sharing.nvml import Nvml, numa_reader_for, read_inventory, set_compute_mode, shipped_nodes
+from sharing.nvml.sim import SimNvml, handles, lose_gpu, reset_gpu, start_process
 
 A100_40 = ("NVIDIA A100-SXM4-40GB", 40960, (8, 0), 0x20B010DE)
 H100 = ("NVIDIA H100 80GB HBM3", 81559, (9, 0), 0x233010DE)
@@ -174,3 +175,80 @@ def test_numa_nodes_come_from_the_injected_reader(sim_nvml) -> None:
     )
     assert [g.numa_node for g in inventory.gpus] == [None] * 7 + [3]
     assert numa_reader_for(nvml.lib)("00000000:07:00.0") == 0
+
+
+PCIE_NODE = """\
+name: pcie
+gpus:
+  - {model: L4, bus_id: "00000000:01:00.0", numa_node: 0, board: b0, pcie_path: [hb0, sw0, sw1]}
+  - {model: L4, bus_id: "00000000:02:00.0", numa_node: 0, board: b0, pcie_path: [hb0, sw0, sw1]}
+  - {model: L4, bus_id: "00000000:03:00.0", numa_node: 0, pcie_path: [hb0, sw0, sw2]}
+  - {model: L4, bus_id: "00000000:04:00.0", numa_node: 0, pcie_path: [hb0, sw3]}
+  - {model: L4, bus_id: "00000000:05:00.0", numa_node: 0, pcie_path: [hb0, sw3]}
+  - {model: L4, bus_id: "00000000:06:00.0", numa_node: 0, pcie_path: [hb1]}
+  - {model: L4, bus_id: "00000000:07:00.0", numa_node: 1, pcie_path: [hb2]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "score"),
+    [pytest.param(0, 1, 60, id="same board"),
+     pytest.param(3, 4, 50, id="single PCIe switch"),
+     pytest.param(0, 2, 40, id="multiple PCIe switches"),
+     pytest.param(0, 3, 30, id="host bridge"),
+     pytest.param(0, 5, 20, id="same CPU"),
+     pytest.param(0, 6, 10, id="across CPUs")],
+)  # fmt: skip
+def test_pcie_relation_scores_without_nvlink(sim_nvml, tmp_path, a: int, b: int, score) -> None:
+    node = tmp_path / "pcie.yaml"
+    node.write_text(PCIE_NODE)
+    nvml, _ = sim_nvml(node)
+    inventory = read_inventory(nvml)
+    assert inventory.link_scores[a][b] == inventory.link_scores[b][a] == score
+    assert inventory.nvlink_counts[a][b] == 0
+
+
+class _FailingOn:
+    """The simulated library, but `function` raises `code` for every handle of GPU `gpu`."""
+
+    def __init__(self, lib: SimNvml, function: str, gpu: int, code: int) -> None:
+        self._lib, self._function, self._gpu, self._code = lib, function, gpu, code
+        self.host_root = lib.host_root
+
+    def __getattr__(self, name: str):
+        real = getattr(self._lib, name)
+        if name != self._function:
+            return real
+
+        def failing(*args):
+            target = args[0] if isinstance(args[0], int) else handles.decode_device(args[0]).gpu
+            if target == self._gpu:
+                raise pynvml.NVMLError(self._code)
+            return real(*args)
+
+        return failing
+
+
+READ_FUNCTIONS = """
+nvmlDeviceGetHandleByIndex nvmlDeviceGetUUID nvmlDeviceGetPciInfo nvmlDeviceGetMemoryInfo
+nvmlDeviceGetCudaComputeCapability nvmlDeviceGetMigMode nvmlDeviceGetComputeMode
+nvmlDeviceGetComputeRunningProcesses nvmlDeviceGetMaxMigDeviceCount
+nvmlDeviceGetMigDeviceHandleByIndex nvmlDeviceGetGpuInstanceProfileInfo
+nvmlDeviceGetGpuInstanceById nvmlDeviceGetAttributes nvmlDeviceGetGpuInstanceId
+""".split()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [pytest.param(pynvml.NVML_ERROR_GPU_IS_LOST, id="GPU_IS_LOST"),
+     pytest.param(pynvml.NVML_ERROR_UNKNOWN, id="UNKNOWN")],
+)  # fmt: skip
+@pytest.mark.parametrize("function", READ_FUNCTIONS)
+def test_a_gpu_failing_any_read_is_a_lost_fact(sim_state, function: str, code: int) -> None:
+    lib = _FailingOn(SimNvml(sim_state("mixed")), function, 0, code)
+    nvml = Nvml(lib, host_root=lib.host_root)
+    nvml.init()
+    inventory = read_inventory(nvml)
+    assert inventory.gpus[0].lost
+    assert not any(g.lost for g in inventory.gpus[1:])
+    assert inventory.link_scores[1][2] == 10
