@@ -54,10 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = sim.add_subparsers(dest="sim_command", metavar="SIM_COMMAND", required=True)
-    sub.add_parser("nodes", help="list the shipped node descriptions").set_defaults(func=_nodes)
+    _command(sub, "nodes", "list the shipped node descriptions").set_defaults(func=_nodes)
     _add_create(sub)
     _add_faults(sub)
     _add_proc_and_show(sub)
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, summary: str, details: str = ""
+) -> argparse.ArgumentParser:
+    """A sub-command whose --help starts with its one-line summary (and any details)."""
+    description = f"{summary[0].upper()}{summary[1:]}." + (f" {details}" if details else "")
+    return sub.add_parser(name, help=summary, description=description)
 
 
 def _add_create(sub: argparse._SubParsersAction) -> None:
@@ -90,15 +98,21 @@ def _add_faults(sub: argparse._SubParsersAction) -> None:
     xid.add_argument("--xid", required=True, type=int, metavar="N", help="XID number, e.g. 79")
     xid.set_defaults(func=_inject_xid)
 
-    lose = sub.add_parser("lose", help="make a GPU fall off the bus (GPU_IS_LOST, XID 79)")
+    lose = _command(
+        sub,
+        "lose",
+        "make a GPU fall off the bus (GPU_IS_LOST, XID 79)",
+        "Its NVML calls then fail with GPU_IS_LOST and an XID 79 event is emitted; "
+        "`gpushare sim reset` brings it back.",
+    )
     _node_arg(lose)
     _gpu_arg(lose)
     lose.set_defaults(func=_lose)
 
-    reset = sub.add_parser(
+    reset = _command(
+        sub,
         "reset",
-        help="reset a GPU: clears lost, applies pending MIG mode, "
-        "wipes MIG instances and processes",
+        "reset a GPU: clears lost, applies pending MIG mode, wipes MIG instances and processes",
     )
     _node_arg(reset)
     _gpu_arg(reset)
@@ -106,15 +120,27 @@ def _add_faults(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_proc_and_show(sub: argparse._SubParsersAction) -> None:
-    proc = sub.add_parser("proc", help="start or stop a fake compute process")
-    proc.add_argument("action", choices=["start", "stop"])
+    proc = _command(
+        sub,
+        "proc",
+        "start or stop a fake compute process",
+        "A process holds memory on a GPU or MIG device: it keeps a GI from being destroyed "
+        "and, on Ampere, leaves a MIG mode change pending until a reset.",
+    )
+    proc.add_argument(
+        "action",
+        choices=["start", "stop"],
+        help="start a process, or stop one (the newest there unless --pid names it)",
+    )
     _node_arg(proc)
     _gpu_arg(proc, "MIG device to run on (required on a GPU in MIG mode), e.g. 1:0")
     proc.add_argument("--pid", type=int, help="process to stop (default: the newest one there)")
-    proc.add_argument("--used-mib", type=int, default=256, help="memory it uses (default 256)")
+    proc.add_argument(
+        "--used-mib", type=int, default=256, metavar="MIB", help="memory it uses (default 256)"
+    )
     proc.set_defaults(func=_proc)
 
-    show = sub.add_parser("show", help="print the simulated node's GPUs, MIG devices, events")
+    show = _command(sub, "show", "print the simulated node's GPUs, MIG devices, events")
     _node_arg(show)
     show.set_defaults(func=_show)
 

@@ -93,7 +93,12 @@ def test_create_unknown_node_lists_shipped_names(capsys, tmp_path: Path) -> None
     ("argv", "expected"),
     [pytest.param(["sim", "--help"], "gpushare sim create dgx-a100 --state", id="sim"),
      pytest.param(["sim", "inject-xid", "--help"], "--mig GI:CI", id="inject-xid"),
-     pytest.param(["sim", "proc", "--help"], "required on a GPU in MIG mode", id="proc")],
+     pytest.param(["sim", "proc", "--help"], "required on a GPU in MIG mode", id="proc"),
+     pytest.param(["sim", "proc", "--help"], "start a process, or stop one", id="proc action"),
+     pytest.param(["sim", "lose", "--help"], "Make a GPU fall off the bus", id="lose"),
+     pytest.param(["sim", "reset", "--help"], "Reset a GPU: clears lost", id="reset"),
+     pytest.param(["sim", "show", "--help"], "Print the simulated node's GPUs", id="show"),
+     pytest.param(["sim", "nodes", "--help"], "List the shipped node descriptions", id="nodes")],
 )  # fmt: skip
 def test_help_texts(capsys, argv, expected: str) -> None:
     with pytest.raises(SystemExit) as info:
