@@ -12,6 +12,7 @@ from typing import Any
 
 from plugin.config_file import (
     add_override_arguments,
+    build_plan_from,
     config_path,
     load_config_file,
     overrides_from_args,
@@ -19,7 +20,7 @@ from plugin.config_file import (
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError, SharingError
-from sharing.plan import Plan, ResourcePlan, build_plan
+from sharing.plan import Plan, ResourcePlan
 
 EXIT_CONFIG = 2
 EXIT_NODE = 1
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cannot read the node: {err}", file=sys.stderr)
         return EXIT_NODE
     try:
-        plan = build_plan(inventory, config)
+        plan = build_plan_from(inventory, config, config_path(args.config, env))
     except PlanError as err:
         print(f"config error: {err}", file=sys.stderr)
         return EXIT_CONFIG

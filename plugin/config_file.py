@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from sharing.config import OVERRIDES, Config, apply_overrides, load_config
-from sharing.errors import ConfigError
+from sharing.devices import Inventory
+from sharing.errors import ConfigError, PlanError
+from sharing.plan import Plan, build_plan
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
 
@@ -32,6 +34,20 @@ def load_config_file(
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text file ({err.reason})") from err
     return apply_overrides(load_config(text, source=str(path)), env, overrides)
+
+
+def build_plan_from(inventory: Inventory, config: Config, path: str | Path | None) -> Plan:
+    """build_plan, with the config file (when there is one) named in front of a PlanError.
+
+    Raises:
+        PlanError: the config cannot be applied to this node; the message starts with the path.
+    """
+    try:
+        return build_plan(inventory, config)
+    except PlanError as err:
+        if path is None:
+            raise
+        raise PlanError(f"{path}: {err}") from err
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:

@@ -248,13 +248,13 @@ class Daemon:
 
     def _build(self, config: Any) -> tuple[Plan, Inventory]:
         """Read the node and build the Plan (empty when NVML is unavailable)."""
+        from plugin.config_file import build_plan_from
         from sharing.nvml import read_inventory
-        from sharing.plan import build_plan
 
         if self.nvml is None:
             return Plan(resources=()), Inventory(gpus=())
         inventory = read_inventory(self.nvml)
-        return build_plan(inventory, config), inventory
+        return build_plan_from(inventory, config, self.config_path), inventory
 
     def _apply(self, plan: Plan, inventory: Inventory) -> None:
         """Serve `plan`: stop vanished resources, push changed lists, serve and register new."""
