@@ -8,33 +8,11 @@ import sys
 from pathlib import Path
 
 from plugin.api import DEFAULT_KUBELET_DIR
-from plugin.config_file import config_path, overrides_from_args
-from sharing.config import OVERRIDES
+from plugin.config_file import add_override_arguments, config_path, overrides_from_args
 from sharing.errors import SharingError
 
 EXIT_ERROR = 1
 
-OVERRIDE_HELP = {
-    "mig-strategy": "how MIG devices are advertised: none (ignored; every GPU is nvidia.com/gpu),"
-    " single (MIG devices as nvidia.com/gpu) or mixed (nvidia.com/mig-<profile>)",
-    "fail-on-init-error": "exit when NVML cannot be used (default); with --no-fail-on-init-error"
-    " the daemon stays up and serves nothing",
-    "mps-root": "host directory of the MPS control daemons' pipes, logs and shm"
-    " (e.g. /run/nvidia/mps); required for MPS sharing",
-    "nvidia-driver-root": "where the NVIDIA driver is installed on the host (default /)",
-    "nvidia-dev-root": "root under which the /dev/nvidia* device nodes are found"
-    " (default: the driver root)",
-    "pass-device-specs": "also hand the device nodes (/dev/nvidia*, MIG caps) to the container"
-    " runtime as DeviceSpecs",
-    "device-list-strategy": "how containers learn their devices, comma list of envvar,"
-    " volume-mounts, cdi-annotations, cdi-cri (default envvar)",
-    "device-id-strategy": "device IDs handed to the runtime: uuid (default) or index",
-    "cdi-annotation-prefix": "annotation prefix for the cdi-annotations strategy"
-    " (default cdi.k8s.io/)",
-    "container-driver-root": "where the driver root is mounted inside gpushare's container",
-    "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
-    " distributed (spread over GPUs, default) or packed",
-}
 
 RUN_DESCRIPTION = """\
 Serve the node's GPUs to the kubelet: one device plugin server per resource on
@@ -45,24 +23,6 @@ SIGTERM or SIGINT stop cleanly and remove the sockets.
 
 Config precedence: command-line flag > environment variable > file > default.
 """
-
-
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
-    """One option per config field a flag can set, with the environment variable it mirrors."""
-    group = parser.add_argument_group("config overrides (win over the environment and the file)")
-    for override in OVERRIDES:
-        where = ".".join(override.path)
-        text = f"{OVERRIDE_HELP.get(override.flag, where)} [{where}, env {override.env}]"
-        if override.kind == "bool":
-            group.add_argument(
-                f"--{override.flag}",
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=text,
-            )
-        else:
-            metavar = "A,B" if override.kind == "list" else "VALUE"
-            group.add_argument(f"--{override.flag}", default=None, metavar=metavar, help=text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Path(DEFAULT_KUBELET_DIR),
         help=f"the kubelet's device plugin directory (default {DEFAULT_KUBELET_DIR})",
     )
-    _add_overrides(run)
+    add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
 

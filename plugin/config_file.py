@@ -50,26 +50,45 @@ def build_plan_from(inventory: Inventory, config: Config, path: str | Path | Non
         raise PlanError(f"{path}: {err}") from err
 
 
+OVERRIDE_HELP = {
+    "mig-strategy": "how MIG devices are advertised: none (ignored; every GPU is nvidia.com/gpu),"
+    " single (MIG devices as nvidia.com/gpu) or mixed (nvidia.com/mig-<profile>)",
+    "fail-on-init-error": "exit when NVML cannot be used (default); with --no-fail-on-init-error"
+    " the daemon stays up and serves nothing",
+    "mps-root": "host directory of the MPS control daemons' pipes, logs and shm"
+    " (e.g. /run/nvidia/mps); required for MPS sharing",
+    "nvidia-driver-root": "where the NVIDIA driver is installed on the host (default /)",
+    "nvidia-dev-root": "root under which the /dev/nvidia* device nodes are found"
+    " (default: the driver root)",
+    "pass-device-specs": "also hand the device nodes (/dev/nvidia*, MIG caps) to the container"
+    " runtime as DeviceSpecs",
+    "device-list-strategy": "how containers learn their devices, comma list of envvar,"
+    " volume-mounts, cdi-annotations, cdi-cri (default envvar)",
+    "device-id-strategy": "device IDs handed to the runtime: uuid (default) or index",
+    "cdi-annotation-prefix": "annotation prefix for the cdi-annotations strategy"
+    " (default cdi.k8s.io/)",
+    "container-driver-root": "where the driver root is mounted inside gpushare's container",
+    "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
+    " distributed (spread over GPUs, default) or packed",
+}
+
+
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one option per overridable config field (--mig-strategy, --mps-root, …)."""
     group = parser.add_argument_group("config overrides (win over the environment and the file)")
     for override in OVERRIDES:
-        option = f"--{override.flag}"
         where = ".".join(override.path)
+        text = f"{OVERRIDE_HELP.get(override.flag, where)} [{where}, env {override.env}]"
         if override.kind == "bool":
             group.add_argument(
-                option,
+                f"--{override.flag}",
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{where} (env {override.env})",
+                help=text,
             )
         else:
-            group.add_argument(
-                option,
-                default=None,
-                metavar="VALUE" if override.kind == "str" else "A,B",
-                help=f"{where} (env {override.env})",
-            )
+            metavar = "A,B" if override.kind == "list" else "VALUE"
+            group.add_argument(f"--{override.flag}", default=None, metavar=metavar, help=text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
