@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -58,6 +58,7 @@ class Daemon:
         overrides: Mapping[str, object],
         config_poll_s: float = 0.2,
         kubelet_poll_s: float = 0.05,
+        mps_control: str | Sequence[str] | None = None,
     ) -> None:
         self.config_path = config_path
         self.kubelet_dir = Path(kubelet_dir)
@@ -69,6 +70,8 @@ class Daemon:
         self._nvml_lib = nvml_lib
         self._env = dict(env)
         self._overrides = dict(overrides)
+        self._mps_control = mps_control
+        self.mps_supervisor: Any = None
         self._servers: dict[str, PluginServer] = {}
         self._allocators: dict[str, ResourceAllocator] = {}
         self._lock = threading.RLock()
@@ -151,7 +154,9 @@ class Daemon:
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
             self._apply(*self._build(config))
-            self._add_health_monitor(config)
+            monitor = self._add_health_monitor(config)
+            if monitor is not None:
+                self._add_mps_supervisor(monitor)
             self.link.start()
             if self._config_watch is not None:
                 self._config_watch.start()
@@ -280,10 +285,10 @@ class Daemon:
         for listener in self._listeners:
             listener(plan, inventory)
 
-    def _add_health_monitor(self, config: Any) -> None:
+    def _add_health_monitor(self, config: Any) -> Any:
         """Watch NVML events and probes; the monitor follows every applied Plan."""
         if self.nvml is None or self.inventory is None:
-            return
+            return None
         from plugin.health_monitor import create_health_monitor, health_policy
 
         monitor = create_health_monitor(
@@ -297,6 +302,14 @@ class Daemon:
 
         self.add_component(monitor)
         self.add_plan_listener(follow)
+        return monitor
+
+    def _add_mps_supervisor(self, monitor: Any) -> None:
+        """One MPS control daemon per MPS resource; its failures mark the devices Unhealthy."""
+        from plugin.mps_wiring import add_mps_supervisor, mps_control_for
+
+        control = mps_control_for(self._nvml_lib, self._mps_control, self._env)
+        self.mps_supervisor = add_mps_supervisor(self, monitor, control=control, env=self._env)
 
     def _serve(self, plan: Plan, name: str) -> None:
         """Start the server of one resource."""

@@ -237,6 +237,10 @@ def _check_mps_flags(config: Config, options: ServeOptions) -> None:
             "sharing.mps: MPS needs flags.mpsRoot (or MPS_ROOT / --mps-root), "
             "e.g. /run/nvidia/mps; it is not set"
         )
+    if not options.mps_root.startswith("/"):
+        raise PlanError(
+            f"sharing.mps: flags.mpsRoot must be an absolute path, got {options.mps_root!r}"
+        )
 
 
 def _check_suffixes(resources: list[ResourcePlan]) -> None:

@@ -27,6 +27,13 @@ def kubelet_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def mps_root() -> Iterator[Path]:
+    """A short, absolute mpsRoot under /tmp for MPS control daemons (the stand-in's sockets)."""
+    with short_dir("gs-mps-") as path:
+        yield path
+
+
+@pytest.fixture
 def kubelet(kubelet_dir: Path) -> Iterator[FakeKubelet]:
     """The kubelet stand-in serving kubelet.sock in `kubelet_dir`."""
     fake = FakeKubelet(kubelet_dir)

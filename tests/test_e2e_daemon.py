@@ -44,9 +44,12 @@ def sim_node(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start_daemon(
-    tmp_path: Path, kubelet_dir: Path, sim_node: Path
+    tmp_path: Path, kubelet_dir: Path, sim_node: Path, mps_root: Path
 ) -> Iterator[StartDaemon]:
-    """Start a Daemon on the simulated node with a config text and flag overrides."""
+    """Start a Daemon on the simulated node with a config text and flag overrides.
+
+    mpsRoot defaults to a fresh directory under /tmp (its MPS daemons are the stand-in's).
+    """
     from sharing.nvml import load_library
 
     daemons: list[Daemon] = []
@@ -54,6 +57,7 @@ def start_daemon(
     def start(config: str = TIME_SLICING_X4, **overrides: object) -> Daemon:
         path = tmp_path / "config.yaml"
         path.write_text(config)
+        overrides.setdefault("mps_root", str(mps_root))
         daemon = Daemon(
             config_path=path, kubelet_dir=kubelet_dir, nvml_lib=load_library(str(sim_node)),
             env={}, overrides={k.replace("_", "-"): v for k, v in overrides.items()},
@@ -176,12 +180,11 @@ def test_kubelet_restart_reregisters_within_1s(
         pytest.param("flags-only.yaml", {}, "nvidia.com/gpu", 8, id="flags-only"),
         pytest.param("time-slicing-rename.yaml", {}, "nvidia.com/gpu.shared", 80,
                      id="time-slicing-rename"),
-        pytest.param("mps.yaml", {"mps_root": "/run/nvidia/mps"}, "nvidia.com/gpu", 80,
-                     id="mps"),
-        pytest.param("mps-fail-requests-false.yaml", {"mps_root": "/run/nvidia/mps"},
-                     "nvidia.com/gpu", 16, id="mps-fail-requests-false"),
-        pytest.param("mps-cdi-annotations.yaml", {"mps_root": "/run/nvidia/mps"},
-                     "nvidia.com/gpu", 32, id="mps-cdi-annotations"),
+        pytest.param("mps.yaml", {}, "nvidia.com/gpu", 80, id="mps"),
+        pytest.param("mps-fail-requests-false.yaml", {}, "nvidia.com/gpu", 16,
+                     id="mps-fail-requests-false"),
+        pytest.param("mps-cdi-annotations.yaml", {}, "nvidia.com/gpu", 32,
+                     id="mps-cdi-annotations"),
     ],
 )
 def test_nvidia_config_files_served_unchanged(
@@ -227,7 +230,7 @@ def test_mps_allocation_and_oversize_request(
     start_daemon: StartDaemon, kubelet: FakeKubelet
 ) -> None:
     """MPS: one replica gets the pipe directory, limits and mounts; two are refused (facts §3)."""
-    daemon = start_daemon((COMPAT / "mps.yaml").read_text(), mps_root="/run/nvidia/mps")
+    daemon = start_daemon((COMPAT / "mps.yaml").read_text())
     kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
     got = kubelet.allocate("nvidia.com/gpu", 1).response.container_responses[0]
     spec = daemon.plan.resources[0].mps

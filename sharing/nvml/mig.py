@@ -338,3 +338,9 @@ _MODE_VALUES = {
 def set_compute_mode(nvml: Nvml, gpu_index: int, mode: ComputeMode) -> None:
     """Set a GPU's compute mode (MPS needs EXCLUSIVE_PROCESS)."""
     nvml.call("nvmlDeviceSetComputeMode", nvml.handle(gpu_index), _MODE_VALUES[mode])
+
+
+def compute_mode(nvml: Nvml, gpu_index: int) -> ComputeMode:
+    """A GPU's compute mode (read before MPS sets EXCLUSIVE_PROCESS, to restore it after)."""
+    value = nvml.call("nvmlDeviceGetComputeMode", nvml.handle(gpu_index))
+    return next(mode for mode, v in _MODE_VALUES.items() if v == value)

@@ -1,0 +1,312 @@
+"""One `nvidia-cuda-mps-control` daemon for one MPS resource (facts §4).
+
+start(): check the paths stay under mpsRoot, prepare the directories, put the resource's GPUs
+in EXCLUSIVE_PROCESS compute mode through NVML, run `<control> -f` as our child with
+CUDA_MPS_PIPE_DIRECTORY, CUDA_MPS_LOG_DIRECTORY and CUDA_VISIBLE_DEVICES (only this resource's
+GPUs), wait until it answers, then set the default limits through the control client.
+probe(): `get_default_active_thread_percentage` must answer the planned value.
+stop(): `quit`, wait, then SIGTERM / SIGKILL; compute modes we changed are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mps_daemon.runner import CommandRunner, Process, SubprocessRunner
+from sharing.devices import ComputeMode
+from sharing.errors import NvmlError, SharingError
+from sharing.mps import format_mem_limit
+from sharing.plan import MpsSpec
+
+log = logging.getLogger("gpushare.mps")
+
+PID_FILE = "nvidia-cuda-mps-control.pid"
+OUTPUT_FILE = "control-daemon.out"  # the daemon's own stdout/stderr, in the log directory
+# Directory modes. The pipe directory is mounted into client containers, whose processes may
+# run under any uid and must reach the pipes: readable and searchable, writable by root only.
+# The log directory is the daemon's alone. The shm directory becomes the clients' /dev/shm,
+# where clients of any uid create shared memory segments: world-writable with the sticky bit,
+# exactly as /dev/shm itself.
+PIPE_DIR_MODE = 0o755
+LOG_DIR_MODE = 0o700
+SHM_DIR_MODE = 0o1777
+RESOURCE_DIR_MODE = 0o755
+
+
+class MpsDaemonError(SharingError):
+    """An MPS control daemon could not be started, configured, probed or stopped."""
+
+
+def checked_dirs(spec: MpsSpec, mps_root: str) -> tuple[str, str, str]:
+    """(pipe, log, shm) of `spec`, each proven to resolve inside `mps_root`.
+
+    Raises:
+        MpsDaemonError: mpsRoot is not absolute, or a directory resolves outside it.
+    """
+    if not mps_root or not posixpath.isabs(mps_root):
+        raise MpsDaemonError(f"flags.mpsRoot must be an absolute path, got {mps_root!r}")
+    root = os.path.realpath(mps_root)
+    dirs = (spec.pipe_dir, spec.log_dir, spec.shm_dir)
+    for path in dirs:
+        real = os.path.realpath(path)
+        if real == root or os.path.commonpath([root, real]) != root:
+            raise MpsDaemonError(
+                f"MPS directory {path!r} of {spec.resource} resolves to {real!r}, "
+                f"outside mpsRoot {mps_root!r}"
+            )
+    return dirs
+
+
+def _make_dir(path: str, mode: int) -> None:
+    """Create `path` (and missing parents) and set its mode exactly, whatever the umask."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    os.chmod(path, mode)
+
+
+class MpsControlDaemon:
+    """Owns one control daemon process and the compute modes of its GPUs."""
+
+    def __init__(
+        self,
+        spec: MpsSpec,
+        *,
+        control_binary: str | Sequence[str],
+        mps_root: str,
+        nvml: Any = None,
+        env: Mapping[str, str] | None = None,
+        runner: CommandRunner | None = None,
+        ready_timeout_s: float = 5.0,
+        command_timeout_s: float = 5.0,
+        stop_timeout_s: float = 2.0,
+    ) -> None:
+        self.spec = spec
+        self.mps_root = mps_root
+        control = [control_binary] if isinstance(control_binary, str) else list(control_binary)
+        self._control = control
+        self._nvml = nvml
+        self._base_env = {
+            k: v for k, v in (env or {}).items()
+            if not k.startswith("CUDA_MPS_") and k != "CUDA_VISIBLE_DEVICES"
+        }
+        self._runner: CommandRunner = runner or SubprocessRunner()
+        self._ready_s = ready_timeout_s
+        self._command_s = command_timeout_s
+        self._stop_s = stop_timeout_s
+        self._process: Process | None = None
+        self._restore_modes: dict[int, ComputeMode] = {}
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The control daemon's pid while it runs."""
+        return self._process.pid if self.running else None  # type: ignore[union-attr]
+
+    @property
+    def running(self) -> bool:
+        """True while our child process has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def exit_status(self) -> int | None:
+        """The child's exit status once it exited (None while running or never started)."""
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def daemon_env(self) -> dict[str, str]:
+        """Environment of the control daemon."""
+        return {
+            **self._base_env,
+            "CUDA_MPS_PIPE_DIRECTORY": self.spec.pipe_dir,
+            "CUDA_MPS_LOG_DIRECTORY": self.spec.log_dir,
+            "CUDA_VISIBLE_DEVICES": ",".join(self.spec.gpu_uuids),
+        }
+
+    def limit_commands(self) -> list[str]:
+        """The control commands that set the spec's default limits."""
+        ordinal = {index: n for n, index in enumerate(self.spec.gpu_indices)}
+        lines = [f"set_default_active_thread_percentage {self.spec.active_thread_percentage}"]
+        lines += [
+            f"set_default_device_pinned_mem_limit {ordinal[index]} {format_mem_limit(mib)}"
+            for index, mib in self.spec.pinned_mem_limit_mib
+        ]
+        return lines
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare, set EXCLUSIVE_PROCESS, spawn `-f`, wait until it answers, set the limits.
+
+        Raises:
+            MpsDaemonError: any step failed (the child, if spawned, is stopped again).
+        """
+        pipe, log_dir, shm = checked_dirs(self.spec, self.mps_root)
+        try:
+            _make_dir(os.path.dirname(pipe), RESOURCE_DIR_MODE)
+            _make_dir(pipe, PIPE_DIR_MODE)
+            _make_dir(log_dir, LOG_DIR_MODE)
+            _make_dir(shm, SHM_DIR_MODE)
+        except OSError as err:
+            raise MpsDaemonError(
+                f"preparing the MPS directories of {self.spec.resource}: {err}"
+            ) from err
+        self._exclusive_process()
+        self._quit_stale()
+        self._spawn()
+        try:
+            self._wait_ready()
+            self.command(self.limit_commands())
+        except MpsDaemonError:
+            self.stop_process()
+            raise
+
+    def probe(self) -> None:
+        """Ask the thread percentage; it must match the spec.
+
+        Raises:
+            MpsDaemonError: the process exited, the client failed, or the answer differs.
+        """
+        status = self.exit_status()
+        if status is not None or self._process is None:
+            raise MpsDaemonError(f"control daemon exited with status {status}")
+        answer = self.command(["get_default_active_thread_percentage"]).strip()
+        try:
+            value = float(answer)
+        except ValueError:
+            value = None
+        if value != float(self.spec.active_thread_percentage):
+            raise MpsDaemonError(
+                f"active thread percentage is {answer!r}, "
+                f"expected {self.spec.active_thread_percentage}"
+            )
+
+    def stop(self) -> None:
+        """Send `quit`, wait, then terminate or kill; restore compute modes; safe to call twice."""
+        self.stop_process()
+        self._restore_compute_modes()
+
+    def command(self, lines: Sequence[str]) -> str:
+        """Run the control program as a client with `lines` on stdin; returns its output.
+
+        Raises:
+            MpsDaemonError: the client could not run, timed out, or exited non-zero.
+        """
+        env = {**self._base_env, "CUDA_MPS_PIPE_DIRECTORY": self.spec.pipe_dir,
+               "CUDA_MPS_LOG_DIRECTORY": self.spec.log_dir}
+        stdin = "".join(f"{line}\n" for line in lines)
+        try:
+            done = self._runner.run(self._control, env=env, stdin=stdin, timeout_s=self._command_s)
+        except OSError as err:
+            raise MpsDaemonError(f"cannot run {self._control[-1]}: {err}") from err
+        if done.returncode != 0:
+            why = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+            raise MpsDaemonError(f"`{lines[0]}`{' ...' if len(lines) > 1 else ''}: {why}")
+        return done.stdout
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        argv = [*self._control, "-f"]
+        try:
+            self._process = self._runner.spawn(
+                argv, env=self.daemon_env, output=Path(self.spec.log_dir) / OUTPUT_FILE
+            )
+        except OSError as err:
+            raise MpsDaemonError(
+                f"cannot start the MPS control daemon {argv[-2]!r}: {err.strerror or err} "
+                "(is the NVIDIA driver installed? see --mps-control)"
+            ) from err
+        log.info("%s: MPS control daemon started (pid %d) on GPUs %s", self.spec.resource,
+                 self._process.pid, ",".join(self.spec.gpu_uuids))
+
+    def _wait_ready(self) -> None:
+        """Wait for the pid file, then for an answer; fail early when the child exits."""
+        deadline = time.monotonic() + self._ready_s
+        pid_file = Path(self.spec.pipe_dir) / PID_FILE
+        last = "no pid file yet"
+        while time.monotonic() < deadline:
+            status = self.exit_status()
+            if status is not None:
+                raise MpsDaemonError(f"control daemon exited with status {status} while "
+                                     f"starting: {self._output_tail()}")
+            if pid_file.exists():
+                try:
+                    self.command(["get_server_list"])
+                    return
+                except MpsDaemonError as err:
+                    last = str(err)
+            time.sleep(0.02)
+        raise MpsDaemonError(f"control daemon did not answer within {self._ready_s}s: {last}")
+
+    def _output_tail(self) -> str:
+        try:
+            text = (Path(self.spec.log_dir) / OUTPUT_FILE).read_text(errors="replace")
+        except OSError:
+            return "no output"
+        return text.strip()[-300:] or "no output"
+
+    def _quit_stale(self) -> None:
+        """A pid file left by an earlier run: ask that daemon to quit before starting ours."""
+        if (Path(self.spec.pipe_dir) / PID_FILE).exists() and not self.running:
+            try:
+                self.command(["quit"])
+                log.info("%s: asked a control daemon left by an earlier run to quit",
+                         self.spec.resource)
+            except MpsDaemonError:
+                pass
+
+    def stop_process(self) -> None:
+        """Stop the child only (`quit`, then signals); compute modes stay, for a restart."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            self.command(["quit"])
+            process.wait(timeout=self._stop_s)
+            return
+        except (MpsDaemonError, subprocess.TimeoutExpired) as err:
+            log.warning("%s: control daemon did not quit (%s); terminating it",
+                        self.spec.resource, err)
+        process.terminate()
+        try:
+            process.wait(timeout=self._stop_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=self._stop_s)
+
+    # -- compute mode --------------------------------------------------------------------------
+
+    def _exclusive_process(self) -> None:
+        """Put each GPU in EXCLUSIVE_PROCESS, remembering the modes we changed."""
+        if self._nvml is None:
+            return
+        from sharing.nvml import compute_mode, set_compute_mode
+
+        for index in self.spec.gpu_indices:
+            try:
+                mode = compute_mode(self._nvml, index)
+                if mode != ComputeMode.EXCLUSIVE_PROCESS:
+                    set_compute_mode(self._nvml, index, ComputeMode.EXCLUSIVE_PROCESS)
+                    self._restore_modes.setdefault(index, mode)
+            except NvmlError as err:
+                raise MpsDaemonError(
+                    f"setting GPU {index} to EXCLUSIVE_PROCESS compute mode: {err}"
+                ) from err
+
+    def _restore_compute_modes(self) -> None:
+        if self._nvml is None:
+            return
+        from sharing.nvml import set_compute_mode
+
+        modes, self._restore_modes = self._restore_modes, {}
+        for index, mode in modes.items():
+            try:
+                set_compute_mode(self._nvml, index, mode)
+            except NvmlError as err:
+                log.warning("restoring GPU %d compute mode %s: %s", index, mode.name, err)

@@ -1,0 +1,70 @@
+"""Wiring of the MPS supervisor into the daemon: which control program, and who hears of it.
+
+The control program is `--mps-control PATH` when given; on a simulated node (`--node`, `gpushare
+demo`) the stand-in `mps_daemon/standin.py`, run with this interpreter; otherwise
+`nvidia-cuda-mps-control` as found on PATH. A missing program marks the MPS resources Unhealthy
+with a clear reason; the daemon stays up.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from mps_daemon import MpsSupervisor, standin_argv
+from sharing.plan import Plan
+
+CONTROL_PROGRAM = "nvidia-cuda-mps-control"
+
+
+class MpsHealth(Protocol):
+    """Where MPS daemon transitions go (plugin.health_monitor.HealthMonitor)."""
+
+    def mps_down(self, resource: str, reason: str) -> None:
+        """Every device of `resource` Unhealthy."""
+
+    def mps_up(self, resource: str) -> None:
+        """The daemon of `resource` answers again."""
+
+
+class MpsHost(Protocol):
+    """What the wiring needs from plugin.daemon.Daemon."""
+
+    nvml: Any
+
+    @property
+    def plan(self) -> Plan:
+        """The Plan now served."""
+
+    def add_component(self, component: Any) -> None:
+        """Run a background component with the daemon."""
+
+    def add_plan_listener(self, listener: Any) -> None:
+        """Call `listener(plan, inventory)` after every applied Plan."""
+
+
+def mps_control_for(
+    nvml_lib: object, requested: str | Sequence[str] | None, env: Mapping[str, str]
+) -> str | Sequence[str]:
+    """The control program's argv prefix: requested, the stand-in on a simulated node, or PATH's."""
+    if requested:
+        return requested
+    from sharing.nvml.sim import SimNvml
+
+    if isinstance(nvml_lib, SimNvml):
+        return standin_argv()
+    return shutil.which(CONTROL_PROGRAM, path=env.get("PATH")) or CONTROL_PROGRAM
+
+
+def add_mps_supervisor(
+    daemon: MpsHost, health: MpsHealth, *, control: str | Sequence[str], env: Mapping[str, str],
+) -> MpsSupervisor:
+    """Create the supervisor for the daemon's current Plan and have it follow every new one."""
+    supervisor = MpsSupervisor(
+        control_binary=control, down=health.mps_down, up=health.mps_up, nvml=daemon.nvml, env=env,
+    )
+    supervisor.update(daemon.plan)
+    daemon.add_plan_listener(supervisor.update)
+    daemon.add_component(supervisor)
+    return supervisor
