@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Path(DEFAULT_KUBELET_DIR),
         help=f"the kubelet's device plugin directory (default {DEFAULT_KUBELET_DIR})",
     )
+    run.add_argument(
+        "--mps-control",
+        metavar="PATH",
+        help="the MPS control program run for each MPS resource (default: nvidia-cuda-mps-control"
+        " from PATH; with --node, the stand-in mps_daemon/standin.py)",
+    )
     add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
@@ -89,6 +95,7 @@ def run_command(args: argparse.Namespace) -> int:
             nvml_lib=nvml.load_library(args.node),
             env=env,
             overrides=overrides_from_args(args),
+            mps_control=args.mps_control,
         )
         return daemon.run_forever()
     except (SharingError, OSError) as err:

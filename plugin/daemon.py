@@ -310,6 +310,7 @@ class Daemon:
 
         control = mps_control_for(self._nvml_lib, self._mps_control, self._env)
         self.mps_supervisor = add_mps_supervisor(self, monitor, control=control, env=self._env)
+        self.mps_supervisor.start()  # daemons answer before the kubelet hears of the resources
 
     def _serve(self, plan: Plan, name: str) -> None:
         """Start the server of one resource."""

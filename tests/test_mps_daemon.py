@@ -1,0 +1,299 @@
+"""MPS control daemons end to end: the stand-in as a real child, the simulated NVML, the kubelet.
+
+Every daemon here runs `mps_daemon/standin.py` (chosen automatically on a simulated node); its
+`standin-state.json` shows what gpushare asked for (CUDA_VISIBLE_DEVICES, limits, commands).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mps_daemon import MpsControlDaemon, MpsDaemonError, MpsSupervisor, checked_dirs, standin_argv
+from plugin.daemon import Daemon
+from sharing.config import load_config
+from sharing.devices import ComputeMode, Inventory
+from sharing.errors import PlanError
+from sharing.mps import MpsPaths
+from sharing.nvml import Nvml, load_library, read_inventory
+from sharing.plan import MpsSpec, Plan, ResourcePlan, ServeOptions, build_plan
+from tests.fakes.kubelet import FakeKubelet
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT_MPS = ROOT / "tests" / "data" / "compat" / "nvidia-device-plugin" / "mps.yaml"
+TWO_MPS = """\
+version: v1
+sharing:
+  mps:
+    resources:
+      - {{name: nvidia.com/gpu, rename: nvidia.com/mps-a, devices: [0, 1, 2, 3], replicas: {a}}}
+      - {{name: nvidia.com/gpu, rename: nvidia.com/mps-b, devices: [4, 5, 6, 7], replicas: 4}}
+"""
+StartDaemon = Callable[..., Daemon]
+
+
+def _state(spec: MpsSpec) -> dict:
+    """What the stand-in recorded for this resource."""
+    return json.loads((Path(spec.log_dir) / "standin-state.json").read_text())
+
+
+def _wait(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def sim_node(sim_state: Callable[..., Path]) -> Path:
+    """A fresh simulated DGX A100 (8 x A100-SXM4-40GB)."""
+    return sim_state("dgx-a100")
+
+
+@pytest.fixture
+def start_daemon(
+    tmp_path: Path, kubelet_dir: Path, sim_node: Path, mps_root: Path
+) -> Iterator[StartDaemon]:
+    """Start a Daemon on the simulated node with an MPS config; stopped (children too) after."""
+    daemons: list[Daemon] = []
+
+    def start(config: str, **kwargs: object) -> Daemon:
+        path = tmp_path / "config.yaml"
+        path.write_text(config)
+        daemon = Daemon(
+            config_path=path, kubelet_dir=kubelet_dir, nvml_lib=load_library(str(sim_node)),
+            env={}, overrides={"mps-root": str(mps_root)}, config_poll_s=3600, **kwargs,
+        )
+        daemons.append(daemon)
+        daemon.start()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def _compute_modes(sim_node: Path) -> list[ComputeMode]:
+    nvml = Nvml(load_library(str(sim_node)))
+    nvml.init()
+    try:
+        return [g.compute_mode for g in read_inventory(nvml).gpus]
+    finally:
+        nvml.shutdown()
+
+
+def test_daemon_per_resource_with_env_limits_modes_and_permissions(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, sim_node: Path, mps_root: Path
+) -> None:
+    """Compat mps.yaml on dgx-a100: one daemon, only its GPUs visible, 10% and total/10 each."""
+    daemon = start_daemon(COMPAT_MPS.read_text())
+    resource = daemon.plan.resources[0]
+    spec = resource.mps
+    assert spec is not None
+    state = _state(spec)
+    assert state["visible_devices"] == ",".join(spec.gpu_uuids)
+    assert state["active_thread_percentage"] == 10
+    inventory = daemon.inventory
+    assert inventory is not None
+    assert state["pinned_mem_limits"] == {
+        str(n): f"{gpu.memory_mib // 10}M" for n, gpu in enumerate(inventory.gpus)
+    }
+    assert _compute_modes(sim_node) == [ComputeMode.EXCLUSIVE_PROCESS] * 8
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in (spec.pipe_dir, spec.log_dir)}
+    assert modes == {spec.pipe_dir: 0o755, spec.log_dir: 0o700}
+    assert stat.S_IMODE(os.stat(spec.shm_dir).st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(Path(spec.pipe_dir) / "control").st_mode) == 0o600
+    pid = int((Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid").read_text())
+    assert pid == daemon.mps_supervisor.daemon(resource.name).pid
+    assert kubelet.wait_for_list(resource.name, lambda d: len(d.healthy_ids) == 80)
+
+
+def test_killed_daemon_marks_devices_unhealthy_then_recovers(
+    start_daemon: StartDaemon, kubelet: FakeKubelet
+) -> None:
+    """SIGKILL of the control daemon: all 80 replicas Unhealthy, then Healthy after a restart."""
+    daemon = start_daemon(COMPAT_MPS.read_text())
+    name = daemon.plan.resources[0].name
+    kubelet.wait_for_list(name, lambda d: len(d.healthy_ids) == 80)
+    old = daemon.mps_supervisor.daemon(name).pid
+    os.kill(old, signal.SIGKILL)
+    kubelet.wait_for_list(name, lambda d: len(d.unhealthy_ids) == 80)
+    kubelet.wait_for_list(name, lambda d: len(d.healthy_ids) == 80)
+    new = daemon.mps_supervisor.daemon(name).pid
+    assert new not in (None, old)
+    assert _state(daemon.plan.resources[0].mps)["active_thread_percentage"] == 10
+
+
+def test_reload_restarts_only_the_changed_daemon(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, tmp_path: Path
+) -> None:
+    """replicas 2 -> 5 on mps-a: its daemon restarts with 20%; mps-b keeps its process."""
+    daemon = start_daemon(TWO_MPS.format(a=2))
+    supervisor = daemon.mps_supervisor
+    pid_a = supervisor.daemon("nvidia.com/mps-a").pid
+    pid_b = supervisor.daemon("nvidia.com/mps-b").pid
+    spec_b = daemon.plan.resource("nvidia.com/mps-b").mps
+    assert _state(spec_b)["visible_devices"] == ",".join(spec_b.gpu_uuids)
+    assert sorted(_state(spec_b)["pinned_mem_limits"]) == ["0", "1", "2", "3"]
+    (tmp_path / "config.yaml").write_text(TWO_MPS.format(a=5))
+    assert daemon.reload()
+    spec_a = daemon.plan.resource("nvidia.com/mps-a").mps
+    assert spec_a.active_thread_percentage == 20
+    _wait(lambda: _state(spec_a)["active_thread_percentage"] == 20
+          and _state(spec_a)["pid"] == supervisor.daemon("nvidia.com/mps-a").pid)
+    assert _state(spec_a)["pid"] != pid_a
+    assert not _alive(pid_a)
+    assert supervisor.daemon("nvidia.com/mps-b").pid == pid_b
+    kubelet.wait_for_list("nvidia.com/mps-a", lambda d: len(d.healthy_ids) == 20)
+
+
+def test_stop_sends_quit_and_leaves_nothing(
+    start_daemon: StartDaemon, sim_node: Path
+) -> None:
+    """stop(): `quit` reaches the daemon, the process is gone, socket and pid file removed."""
+    daemon = start_daemon(COMPAT_MPS.read_text())
+    spec = daemon.plan.resources[0].mps
+    pid = daemon.mps_supervisor.daemon(daemon.plan.resources[0].name).pid
+    daemon.stop()
+    assert _state(spec)["commands"][-1] == "quit"
+    assert not _alive(pid)
+    assert sorted(os.listdir(spec.pipe_dir)) == []
+    assert _compute_modes(sim_node) == [ComputeMode.DEFAULT] * 8, "modes we changed restored"
+
+
+def test_sigterm_of_gpushare_run_quits_the_mps_daemon(
+    tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet, sim_node: Path, mps_root: Path
+) -> None:
+    """`gpushare run --node <sim>` runs the stand-in; SIGTERM ends it with `quit`, none left."""
+    config = tmp_path / "config.yaml"
+    config.write_text(COMPAT_MPS.read_text())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "run", "--config", str(config), "--node",
+         str(sim_node), "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    pid_file = MpsPaths(str(mps_root)).pipe_dir("nvidia.com/gpu") + "/nvidia-cuda-mps-control.pid"
+    try:
+        kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.healthy_ids) == 80, timeout_s=20)
+        pid = int(Path(pid_file).read_text())
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 0, output
+    assert not _alive(pid)
+    assert not Path(pid_file).exists()
+    log_dir = MpsPaths(str(mps_root)).log_dir("nvidia.com/gpu")
+    assert json.loads((Path(log_dir) / "standin-state.json").read_text())["commands"][-1] == "quit"
+
+
+def test_missing_control_program_marks_devices_unhealthy_daemon_stays_up(
+    start_daemon: StartDaemon, kubelet: FakeKubelet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No control program: one clear error, every device Unhealthy, the daemon still serves."""
+    caplog.set_level(logging.DEBUG, logger="gpushare.mps")
+    missing = "/nonexistent/nvidia-cuda-mps-control"
+    daemon = start_daemon(COMPAT_MPS.read_text(), mps_control=missing)
+    name = daemon.plan.resources[0].name
+    kubelet.wait_for_list(name, lambda d: len(d.unhealthy_ids) == 80)
+    _wait(lambda: sum("still down" in r.message for r in caplog.records) >= 2)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "is the NVIDIA driver installed?" in errors[0].getMessage()
+    assert daemon.mps_supervisor.healthy() == {name: False}
+    assert kubelet.resources() == [name]
+    assert daemon.socket_names() == {name: "gpushare-gpu.sock"}
+
+
+def _spec(root: str, resource: str = "nvidia.com/gpu") -> MpsSpec:
+    paths = MpsPaths(root)
+    return MpsSpec(
+        resource=resource, gpu_indices=(0,), gpu_uuids=("GPU-0",), active_thread_percentage=50,
+        pinned_mem_limit_mib=((0, 1024),), max_clients_per_gpu=48,
+        pipe_dir=paths.pipe_dir(resource), log_dir=paths.log_dir(resource),
+        shm_dir=paths.shm_dir(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("root", "resource", "message"),
+    [
+        pytest.param("mps", "nvidia.com/gpu", "mpsRoot must be an absolute path, got 'mps'",
+                     id="relative mpsRoot"),
+        pytest.param("", "nvidia.com/gpu", "mpsRoot must be an absolute path", id="empty mpsRoot"),
+        pytest.param(None, "nvidia.com/..", "outside mpsRoot", id="resource name escapes"),
+    ],
+)
+def test_paths_must_stay_inside_an_absolute_mps_root(
+    mps_root: Path, root: str | None, resource: str, message: str
+) -> None:
+    """A relative mpsRoot, or a resource whose directories resolve outside it, is refused."""
+    base = str(mps_root) if root is None else root
+    with pytest.raises(MpsDaemonError, match=message):
+        checked_dirs(_spec(base, resource), base)
+
+
+def test_symlink_out_of_mps_root_is_refused(mps_root: Path, tmp_path: Path) -> None:
+    """A resource directory that is a symlink elsewhere is refused before anything is created."""
+    (mps_root / "gpu").symlink_to(tmp_path)
+    daemon = MpsControlDaemon(_spec(str(mps_root)), control_binary=standin_argv(),
+                              mps_root=str(mps_root))
+    with pytest.raises(MpsDaemonError, match="outside mpsRoot"):
+        daemon.start()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_rejects_a_relative_mps_root(inventory_of: Callable[..., Inventory]) -> None:
+    """build_plan refuses mpsRoot `run/mps`: the error names the flag and the value."""
+    config = load_config("version: v1\nflags: {mpsRoot: run/mps}\n"
+                         + COMPAT_MPS.read_text().split("\n", 1)[1])
+    with pytest.raises(PlanError, match="flags.mpsRoot must be an absolute path, got 'run/mps'"):
+        build_plan(inventory_of("dgx-a100"), config)
+
+
+def test_wrong_probe_answer_is_down_then_restarted(mps_root: Path) -> None:
+    """A daemon answering another thread percentage is reported down, restarted, then up."""
+    events: list[tuple[str, ...]] = []
+    supervisor = MpsSupervisor(
+        control_binary=standin_argv(), down=lambda r, why: events.append(("down", r, why)),
+        up=lambda r: events.append(("up", r)), probe_interval_s=0.05, backoff_s=0.05,
+    )
+    spec = _spec(str(mps_root))
+    plan = Plan(resources=(ResourcePlan(name=spec.resource, original_name=spec.resource,
+                                        strategy="mps", devices=(), mps=spec),),
+                options=ServeOptions(mps_root=str(mps_root)))
+    supervisor.update(plan)
+    supervisor.start()
+    try:
+        assert events == [("up", spec.resource)]
+        daemon = supervisor.daemon(spec.resource)
+        daemon.command(["set_default_active_thread_percentage 7"])
+        _wait(lambda: len(events) >= 3)
+        assert events[1][:2] == ("down", spec.resource)
+        assert "active thread percentage is '7.0', expected 50" in events[1][2]
+        assert events[2] == ("up", spec.resource)
+    finally:
+        supervisor.stop()
+    assert not _alive(daemon_pid := _state(spec)["pid"]), daemon_pid
