@@ -141,8 +141,9 @@ class MpsSupervisor:
         wanted = {r.name: r.mps for r in plan.resources if r.mps is not None}
         root = plan.options.mps_root
         for name in [n for n in self._entries if n not in wanted]:
-            entry = self._entries.pop(name)
+            entry = self._entries[name]
             entry.daemon.stop()
+            del self._entries[name]
             log.info("%s: MPS control daemon stopped (the resource left the plan)", name)
             if entry.up is False:
                 self._up(name)

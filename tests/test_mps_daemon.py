@@ -297,3 +297,33 @@ def test_wrong_probe_answer_is_down_then_restarted(mps_root: Path) -> None:
     finally:
         supervisor.stop()
     assert not _alive(daemon_pid := _state(spec)["pid"]), daemon_pid
+
+
+def test_vanished_resource_daemon_stopped_and_its_gpus_restored(
+    start_daemon: StartDaemon, tmp_path: Path, sim_node: Path
+) -> None:
+    """mps-b leaves the config: its daemon quits, GPUs 4-7 go back to DEFAULT, mps-a stays."""
+    daemon = start_daemon(TWO_MPS.format(a=2))
+    supervisor = daemon.mps_supervisor
+    pid_a = supervisor.daemon("nvidia.com/mps-a").pid
+    spec_b = daemon.plan.resource("nvidia.com/mps-b").mps
+    pid_b = supervisor.daemon("nvidia.com/mps-b").pid
+    (tmp_path / "config.yaml").write_text(TWO_MPS.format(a=2).rsplit("\n", 2)[0] + "\n")
+    assert daemon.reload()
+    _wait(lambda: supervisor.daemon("nvidia.com/mps-b") is None)
+    assert not _alive(pid_b)
+    assert _state(spec_b)["commands"][-1] == "quit"
+    assert supervisor.daemon("nvidia.com/mps-a").pid == pid_a
+    modes = _compute_modes(sim_node)
+    assert modes == [ComputeMode.EXCLUSIVE_PROCESS] * 4 + [ComputeMode.DEFAULT] * 4
+
+
+def test_mps_daemon_never_imports_plugin() -> None:
+    """Dependency direction: plugin -> mps_daemon -> sharing."""
+    import ast
+
+    for path in sorted((ROOT / "mps_daemon").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "plugin" or n.startswith("plugin.") for n in names), path
