@@ -71,12 +71,14 @@ class _Narrator(logging.Handler):
 def _narrated_logs(out: TextIO) -> Iterator[None]:
     """Route log records into the walkthrough while the demo runs."""
     root = logging.getLogger()
-    saved = root.handlers[:]
+    saved, saved_level = root.handlers[:], root.level
     root.handlers = [_Narrator(out)]
+    root.setLevel(min(saved_level, logging.INFO) or logging.INFO)
     try:
         yield
     finally:
         root.handlers = saved
+        root.setLevel(saved_level)
 
 
 def show_registration(ctx: DemoContext) -> None:

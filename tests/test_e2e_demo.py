@@ -16,6 +16,7 @@ def test_demo_walkthrough() -> None:
     text = out.getvalue()
     assert "nvidia.com/gpu               gpushare-gpu.sock                   32      32" in text
     assert "env NVIDIA_VISIBLE_DEVICES=GPU-" in text
+    assert "unhealthy: XID 79 (GPU has fallen off the bus)" in text  # the daemon's own log
     assert "the kubelet's next list: 28 of 32 Healthy" in text
     assert "left behind: none" in text
     assert text.rstrip().endswith("demo complete.")
