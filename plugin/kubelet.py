@@ -151,8 +151,7 @@ class KubeletLink:
                          self.kubelet_dir)
                 self._kubelet_lost = True
             return
-        sockets = dict(self._sockets())
-        missing = [s for s in sockets.values() if not (self.kubelet_dir / s).exists()]
+        missing = self._missing_sockets()
         recreated = self._kubelet is not None and (self._kubelet_lost or current != self._kubelet)
         if self._kubelet_lost:
             log.info("%s is there: registering with the kubelet", KUBELET_SOCKET)
@@ -161,15 +160,26 @@ class KubeletLink:
             log.info("kubelet restart seen (%s): restarting servers and registering again",
                      reason)
             self._restart_servers()
-            self.request(sockets)
+            self.request(self._sockets())
         self._kubelet = current
         self._kubelet_lost = False
-        self._register_pending(sockets)
+        self._register_pending()
 
-    def _register_pending(self, sockets: Mapping[str, str]) -> None:
+    def _missing_sockets(self) -> list[str]:
+        """Our socket files that are gone, ignoring those a reload stopped serving meanwhile."""
+        missing = [s for s in self._sockets().values() if not (self.kubelet_dir / s).exists()]
+        if missing:  # read again: the served set may have changed since the first read
+            served = set(self._sockets().values())
+            missing = [s for s in missing if s in served and not (self.kubelet_dir / s).exists()]
+        return missing
+
+    def _register_pending(self) -> None:
+        # The served sockets are read after the pending set: a resource a reload added and
+        # requested meanwhile is found here, not forgotten for want of its socket.
         now = time.monotonic()
         with self._lock:
             due = sorted(n for n in self._pending if self._retry_at.get(n, 0.0) <= now)
+        sockets = dict(self._sockets()) if due else {}
         for name in due:
             if name not in sockets:
                 self.forget([name])
