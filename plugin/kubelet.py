@@ -100,15 +100,20 @@ class KubeletLink:
         restart_servers: Callable[[], None],
         poll_s: float = 0.05,
         retry_s: float = 0.5,
+        max_retry_s: float = 30.0,
         register_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kubelet_dir = kubelet_dir
         self._sockets = sockets
         self._restart_servers = restart_servers
         self._retry_s = retry_s
+        self._max_retry_s = max_retry_s
         self._register_timeout_s = register_timeout_s
+        self._clock = clock
         self._pending: set[str] = set()
         self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, tuple[int, str]] = {}  # name -> (failed attempts, last error)
         self._lock = threading.Condition()
         self._loop = PollLoop("kubelet-watch", self.poll_once, poll_s=poll_s, delay_first=False)
         self._kubelet: tuple[int, int] | None = None
@@ -117,15 +122,21 @@ class KubeletLink:
 
     def request(self, names: Iterable[str]) -> None:
         """Register these resources as soon as the kubelet is there."""
+        names = list(names)
         with self._lock:
             self._pending.update(names)
-            for name in names:
+            for name in names:  # new circumstances: try now, backoff from the start
                 self._retry_at.pop(name, None)
+                self._failures.pop(name, None)
 
     def forget(self, names: Iterable[str]) -> None:
         """Stop trying to register these resources (they are no longer served)."""
+        names = list(names)
         with self._lock:
             self._pending.difference_update(names)
+            for name in names:
+                self._retry_at.pop(name, None)
+                self._failures.pop(name, None)
             self._lock.notify_all()
 
     def wait_registered(self, timeout_s: float) -> bool:
@@ -176,7 +187,7 @@ class KubeletLink:
     def _register_pending(self) -> None:
         # The served sockets are read after the pending set: a resource a reload added and
         # requested meanwhile is found here, not forgotten for want of its socket.
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             due = sorted(n for n in self._pending if self._retry_at.get(n, 0.0) <= now)
         sockets = dict(self._sockets()) if due else {}
@@ -188,13 +199,26 @@ class KubeletLink:
                 register(self.kubelet_dir, socket_name=sockets[name], resource_name=name,
                          timeout_s=self._register_timeout_s)
             except RegistrationError as err:
-                log.warning("%s; retrying in %.1fs", err, self._retry_s)
-                with self._lock:
-                    self._retry_at[name] = time.monotonic() + self._retry_s
+                self._failed(name, str(err))
                 continue
-            log.info("registered %s (%s) with the kubelet", name, sockets[name])
             with self._lock:
+                failed, _ = self._failures.pop(name, (0, ""))
                 self._pending.discard(name)
                 self._retry_at.pop(name, None)
                 self.registrations += 1
                 self._lock.notify_all()
+            after = f" after {failed} failed attempts" if failed else ""
+            log.info("registered %s (%s) with the kubelet%s", name, sockets[name], after)
+
+    def _failed(self, name: str, error: str) -> None:
+        """Schedule the next attempt with exponential backoff; log a new error once."""
+        with self._lock:
+            if name not in self._pending:  # forgotten meanwhile
+                return
+            count, last = self._failures.get(name, (0, ""))
+            count += 1
+            delay = min(self._retry_s * 2 ** (count - 1), self._max_retry_s)
+            self._failures[name] = (count, error)
+            self._retry_at[name] = self._clock() + delay
+        level = logging.DEBUG if error == last else logging.WARNING
+        log.log(level, "%s; retrying with backoff (next try in %.1fs)", error, delay)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from plugin.api import pb
 from plugin.daemon import Daemon
+from plugin.kubelet import KubeletLink
+from plugin.server import create_server
+from plugin.state import NodeState
 from tests.fakes.kubelet import FakeKubelet
 from tests.test_reload import make_daemon, time_slicing
 
@@ -59,3 +65,58 @@ def test_resource_added_by_a_reload_during_a_kubelet_poll_is_registered(
     kubelet.wait_for(lambda: "nvidia.com/gpu.shared" in kubelet.resources(), 2.0)
     assert daemon.link.wait_registered(2.0)
     assert len(kubelet.wait_for_list("nvidia.com/gpu.shared", lambda _: True).devices) == 32
+
+
+class RefusingKubelet(FakeKubelet):
+    """A kubelet stand-in that refuses every registration while `refuse` is set."""
+
+    def __init__(self, kubelet_dir: Path) -> None:
+        self.refuse = True
+        self.attempts = 0
+        super().__init__(kubelet_dir)
+
+    def Register(  # noqa: N802 (gRPC method name)
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with self._cond:
+            self.attempts += 1
+        if self.refuse:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "registration refused")
+        return super().Register(request, context)
+
+
+def test_refused_registration_backs_off_and_is_logged_once(
+    kubelet_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kubelet that keeps refusing: tries at 0, 0.5, 1.5, 3.5 s..., one warning, then success."""
+    name, socket = "example.com/thing", "gpushare-thing.sock"
+    server = create_server(name, kubelet_dir / socket, state=NodeState(), allocator=lambda _: None)
+    server.start()
+    kubelet = RefusingKubelet(kubelet_dir)
+    now = [0.0]
+    link = KubeletLink(kubelet_dir, sockets=lambda: {name: socket}, restart_servers=server.start,
+                       retry_s=0.5, max_retry_s=2.0, clock=lambda: now[0])
+    link.request([name])
+    tried_at: list[float] = []
+    try:
+        with caplog.at_level(logging.DEBUG, logger="plugin.kubelet"):
+            for step in range(80):  # 8 s of polls, 0.1 s apart
+                now[0] = step / 10
+                before = kubelet.attempts
+                link.poll_once()
+                if kubelet.attempts > before:
+                    tried_at.append(now[0])
+            assert tried_at == [0.0, 0.5, 1.5, 3.5, 5.5, 7.5]  # doubling, capped at 2 s
+            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(warnings) == 1
+            assert name in warnings[0].getMessage()
+            assert "registration refused" in warnings[0].getMessage()
+            kubelet.refuse = False
+            now[0] = 9.5
+            link.poll_once()
+            assert link.wait_registered(0)
+            assert kubelet.resources() == [name]
+            assert "after 6 failed attempts" in caplog.records[-1].getMessage()
+    finally:
+        kubelet.stop()
+        server.stop()
