@@ -42,11 +42,16 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self.resource_name = resource_name
         self._state = state
         self._allocator = allocator
-        self._closed = threading.Event()
+        self._closed = threading.Event()  # one per start: set for good when that run ends
 
     def open(self) -> None:
-        """Accept streams again (a server restarted after close())."""
-        self._closed.clear()
+        """Accept streams again (a server restarted after close()).
+
+        Streams of the earlier run keep their own, set, event: they end even when this new
+        run started before they noticed.
+        """
+        if self._closed.is_set():
+            self._closed = threading.Event()
 
     def close(self) -> None:
         """End open ListAndWatch streams promptly."""
@@ -64,8 +69,9 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     ) -> Iterator[pb.ListAndWatchResponse]:
         """The full device list first, then again on every change of this resource's list."""
         last = 0
-        while not self._closed.is_set() and context.is_active():
-            version, devices = self._state.wait(self.resource_name, last, STREAM_POLL_S)
+        closed = self._closed
+        while not closed.is_set() and context.is_active():
+            version, devices = self._state.wait(self.resource_name, last, STREAM_POLL_S, closed)
             if devices is None:
                 return
             if version != last:

@@ -88,21 +88,28 @@ class NodeState:
             return self._current(resource_name)
 
     def wait(
-        self, resource_name: str, last_version: int, timeout_s: float
+        self,
+        resource_name: str,
+        last_version: int,
+        timeout_s: float,
+        cancelled: threading.Event | None = None,
     ) -> tuple[int, Snapshot | None]:
-        """Wait until the resource's snapshot version differs from `last_version` or time runs out.
+        """Wait until the resource's snapshot version differs from `last_version`, `cancelled`
+        is set (checked when woken by wake()) or time runs out.
 
         Returns the current (version, devices) either way; devices is None for an unknown resource.
         """
         with self._cond:
             self._cond.wait_for(
-                lambda: self._closed or self._current(resource_name)[0] != last_version,
+                lambda: self._closed
+                or (cancelled is not None and cancelled.is_set())
+                or self._current(resource_name)[0] != last_version,
                 timeout=timeout_s,
             )
             return self._current(resource_name)
 
     def wake(self) -> None:
-        """Wake every waiter (used when servers stop, so streams notice promptly)."""
+        """Wake every waiter so it checks its `cancelled` event (a server stopping)."""
         with self._cond:
             self._cond.notify_all()
 

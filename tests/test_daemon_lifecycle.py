@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from plugin.api import pb
+from plugin import convert
+from plugin import server as server_module
+from plugin.api import pb, pb_grpc
 from plugin.daemon import Daemon
 from plugin.kubelet import KubeletLink
 from plugin.server import create_server
 from plugin.state import NodeState
+from sharing.plan import Plan
 from tests.fakes.kubelet import FakeKubelet
+from tests.test_e2e_servers import time_sliced
 from tests.test_reload import make_daemon, time_slicing
 
 IDLE_S = 3600.0  # a poll interval that leaves a watch thread idle, so the test drives it
@@ -120,3 +126,40 @@ def test_refused_registration_backs_off_and_is_logged_once(
     finally:
         kubelet.stop()
         server.stop()
+
+
+def test_stopping_a_server_ends_its_list_and_watch_stream_at_once(
+    kubelet_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() wakes the stream waiting for a change: stop() does not sit out its grace period."""
+    monkeypatch.setattr(server_module, "STREAM_POLL_S", 60.0)  # only a wake-up can end the wait
+    resource = time_sliced(2)
+    server = create_server(resource.name, kubelet_dir / resource.socket_name,
+                           state=NodeState(Plan(resources=(resource,))), allocator=lambda _: None)
+    server.start()
+    received: list[int] = []
+    first, ended = threading.Event(), threading.Event()
+
+    def read() -> None:
+        with grpc.insecure_channel(f"unix://{server.socket_path}") as channel:
+            try:
+                for message in pb_grpc.DevicePluginStub(channel).ListAndWatch(convert.empty()):
+                    received.append(len(message.devices))
+                    first.set()
+            except grpc.RpcError:
+                pass
+        ended.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert first.wait(5.0)
+        assert received == [8]
+        began = time.monotonic()
+        server.stop(grace_s=10.0)
+        assert time.monotonic() - began < 5.0
+        assert ended.wait(5.0)
+    finally:
+        server.stop()
+        reader.join(10)
+    assert not server.socket_path.exists()
