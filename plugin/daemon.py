@@ -79,6 +79,11 @@ class Daemon:
         self._listeners: list[PlanListener] = []
         self._exit = contextlib.ExitStack()
         self._started = False
+        self._stopping = False  # set by stop(): a reload still in flight then serves nothing
+        self._reload_seq = 0  # reloads begun; a plan applies only if no later one applied yet
+        self._applied_seq = 0
+        self._notified_seq = 0
+        self._notify_lock = threading.Lock()  # listeners hear plans in the order applied
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
@@ -153,7 +158,7 @@ class Daemon:
                 raise
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
-            self._apply(*self._build(config))
+            self._apply(*self._build(config), config=config, seq=0)
             monitor = self._add_health_monitor(config)
             if monitor is not None:
                 self._add_mps_supervisor(monitor)
@@ -168,13 +173,15 @@ class Daemon:
         self._started = True
 
     def stop(self) -> None:
-        """Stop components, watches and servers, removing our sockets; safe to call twice."""
-        self._started = False
-        for component in reversed(self._components):
-            component.stop()
+        """Stop watches, components and servers, removing our sockets; safe to call twice."""
+        with self._lock:
+            self._started = False
+            self._stopping = True
         if self._config_watch is not None:
             self._config_watch.stop()
         self.link.stop()
+        for component in reversed(self._components):
+            component.stop()
         with self._lock:
             servers, self._servers = list(self._servers.values()), {}
         for server in servers:
@@ -217,8 +224,15 @@ class Daemon:
         return 0
 
     def reload(self) -> bool:
-        """Read config and node again and apply the diff; a bad file changes nothing."""
+        """Read config and node again and apply the diff; a bad file changes nothing.
+
+        Reloads may overlap (config watch, SIGHUP): one that finishes after a later one has
+        applied its plan is dropped, so the newest read always wins.
+        """
         source = self.config_path or "the default config"
+        with self._lock:
+            self._reload_seq += 1
+            seq = self._reload_seq
         try:
             config = self._load_config()
             plan, inventory = self._build(config)
@@ -226,8 +240,7 @@ class Daemon:
             self.reload_failures += 1
             log.error("reload of %s failed: %s", source, err)
             return False
-        self.config = config
-        self._apply(plan, inventory)
+        self._apply(plan, inventory, config=config, seq=seq)
         return True
 
     def restart_servers(self) -> None:
@@ -261,9 +274,20 @@ class Daemon:
         inventory = read_inventory(self.nvml)
         return build_plan_from(inventory, config, self.config_path), inventory
 
-    def _apply(self, plan: Plan, inventory: Inventory) -> None:
-        """Serve `plan`: stop vanished resources, push changed lists, serve and register new."""
+    def _apply(self, plan: Plan, inventory: Inventory, *, config: Any, seq: int) -> None:
+        """Serve `plan`: stop vanished resources, push changed lists, serve and register new.
+
+        Nothing happens once stop() began, or when a later reload (`seq`) applied already.
+        """
         with self._lock:
+            if self._stopping:
+                log.info("reload finished after stop began: not applied")
+                return
+            if seq < self._applied_seq:
+                log.info("reload superseded by a later one: not applied")
+                return
+            self._applied_seq = seq
+            self.config = config
             diff = self.state.plan.diff(plan)
             self.link.forget(diff.removed)
             for name in diff.removed:
@@ -282,8 +306,12 @@ class Daemon:
             self.link.request(diff.added)
             if not plan.resources:
                 log.warning("the plan has no resources: nothing is advertised to the kubelet")
-        for listener in self._listeners:
-            listener(plan, inventory)
+        with self._notify_lock:
+            if seq < self._notified_seq:
+                return
+            self._notified_seq = seq
+            for listener in self._listeners:
+                listener(plan, inventory)
 
     def _add_health_monitor(self, config: Any) -> Any:
         """Watch NVML events and probes; the monitor follows every applied Plan."""

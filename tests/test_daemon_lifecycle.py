@@ -163,3 +163,64 @@ def test_stopping_a_server_ends_its_list_and_watch_stream_at_once(
         server.stop()
         reader.join(10)
     assert not server.socket_path.exists()
+
+
+def hold_reload(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> tuple[
+    threading.Event, threading.Event, threading.Thread
+]:
+    """A reload on its own thread that read config and node, then waits for `release`."""
+    build = daemon._build
+    entered, release = threading.Event(), threading.Event()
+
+    def build_then_wait(config: object) -> object:
+        result = build(config)
+        if threading.current_thread().name == "held-reload":
+            entered.set()
+            assert release.wait(5.0)
+        return result
+
+    monkeypatch.setattr(daemon, "_build", build_then_wait)
+    held = threading.Thread(target=daemon.reload, name="held-reload")
+    held.start()
+    assert entered.wait(5.0)
+    return entered, release, held
+
+
+def test_an_older_reload_finishing_last_does_not_undo_a_newer_one(
+    idle_daemon: Daemon, kubelet: FakeKubelet, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config watch and SIGHUP reloads overlap: the plan and the listeners end on the newest."""
+    daemon = idle_daemon
+    heard: list[int] = []
+    daemon.add_plan_listener(lambda plan, _inv: heard.append(len(plan.resources[0].devices)))
+    config.write_text(time_slicing(3))
+    _, release, held = hold_reload(daemon, monkeypatch)  # read 3 replicas, not applied yet
+    config.write_text(time_slicing(2))
+    assert daemon.reload()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 16)
+    release.set()
+    held.join(5.0)
+    assert not held.is_alive()
+    assert len(daemon.plan.resources[0].devices) == 16
+    assert heard == [32, 16]
+    assert len(daemon.state.snapshot("nvidia.com/gpu")[1] or ()) == 16
+
+
+def test_a_reload_finishing_after_stop_serves_nothing(
+    idle_daemon: Daemon, kubelet_dir: Path, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() during a reload: the reload's new resource is not served, no socket is left."""
+    daemon = idle_daemon
+    config.write_text(
+        "version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+        "      - {name: nvidia.com/gpu, replicas: 4, devices: [0, 1, 2, 3]}\n"
+        "      - {name: nvidia.com/gpu, rename: vgpu, replicas: 2, devices: [4, 5, 6, 7]}\n"
+    )
+    _, release, held = hold_reload(daemon, monkeypatch)  # adds nvidia.com/vgpu
+    daemon.stop()
+    release.set()
+    held.join(5.0)
+    assert not held.is_alive()
+    assert daemon.socket_names() == {}
+    assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
+    daemon.stop()  # twice is safe
