@@ -82,6 +82,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.PreferredAllocationRequest, context: grpc.ServicerContext
     ) -> pb.PreferredAllocationResponse:
         """The preferred device IDs per container, from the Plan in memory."""
+        if not request.container_requests:
+            self._refuse(context, "GetPreferredAllocation", "no container requests")
         plan = self._state.plan
         try:
             choices = [
@@ -103,6 +105,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.AllocateRequest, context: grpc.ServicerContext
     ) -> pb.AllocateResponse:
         """One ContainerAllocateResponse per container request, in order."""
+        if not request.container_requests:
+            self._refuse(context, "Allocate", "no container requests")
         allocator = self._allocator(self.resource_name)
         if allocator is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f'resource "{self.resource_name}" is gone')
@@ -114,6 +118,12 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             log.warning("Allocate for %s refused: %s", self.resource_name, err)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         return convert.to_pb_allocate_response(allocations)
+
+    def _refuse(self, context: grpc.ServicerContext, method: str, reason: str) -> None:
+        """Abort the call with INVALID_ARGUMENT naming the resource (logged once)."""
+        message = f'invalid {method} request for "{self.resource_name}": {reason}'
+        log.warning("%s", message)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def PreStartContainer(  # noqa: N802
         self, request: pb.PreStartContainerRequest, context: grpc.ServicerContext

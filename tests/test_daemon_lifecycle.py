@@ -224,3 +224,20 @@ def test_a_reload_finishing_after_stop_serves_nothing(
     assert daemon.socket_names() == {}
     assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
     daemon.stop()  # twice is safe
+
+
+@pytest.mark.parametrize("method", ["Allocate", "GetPreferredAllocation"])
+def test_request_without_containers_is_invalid_argument_and_serving_goes_on(
+    idle_daemon: Daemon, kubelet: FakeKubelet, kubelet_dir: Path, method: str
+) -> None:
+    """No container requests: INVALID_ARGUMENT naming the resource; the next request is served."""
+    empty = {"Allocate": pb.AllocateRequest(),
+             "GetPreferredAllocation": pb.PreferredAllocationRequest()}[method]
+    with grpc.insecure_channel(f"unix://{kubelet_dir / 'gpushare-gpu.sock'}") as channel:
+        stub = pb_grpc.DevicePluginStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            getattr(stub, method)(empty, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nvidia.com/gpu" in (refused.value.details() or "")
+    assert "no container requests" in (refused.value.details() or "")
+    assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
