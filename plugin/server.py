@@ -83,7 +83,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     ) -> pb.PreferredAllocationResponse:
         """The preferred device IDs per container, from the Plan in memory."""
         if not request.container_requests:
-            self._refuse(context, "GetPreferredAllocation", "no container requests")
+            self._refuse_empty(context, "GetPreferredAllocation")
         plan = self._state.plan
         try:
             choices = [
@@ -97,8 +97,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 for req in request.container_requests
             ]
         except InvalidRequest as err:
-            log.warning("GetPreferredAllocation for %s refused: %s", self.resource_name, err)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            self._refuse(context, "GetPreferredAllocation", str(err))
         return convert.to_pb_preferred_response(choices)
 
     def Allocate(  # noqa: N802
@@ -106,7 +105,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     ) -> pb.AllocateResponse:
         """One ContainerAllocateResponse per container request, in order."""
         if not request.container_requests:
-            self._refuse(context, "Allocate", "no container requests")
+            self._refuse_empty(context, "Allocate")
         allocator = self._allocator(self.resource_name)
         if allocator is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f'resource "{self.resource_name}" is gone')
@@ -115,14 +114,17 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
                 allocator.allocate(list(req.devices_ids)) for req in request.container_requests
             ]
         except InvalidRequest as err:
-            log.warning("Allocate for %s refused: %s", self.resource_name, err)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            self._refuse(context, "Allocate", str(err))
         return convert.to_pb_allocate_response(allocations)
 
-    def _refuse(self, context: grpc.ServicerContext, method: str, reason: str) -> None:
-        """Abort the call with INVALID_ARGUMENT naming the resource (logged once)."""
-        message = f'invalid {method} request for "{self.resource_name}": {reason}'
-        log.warning("%s", message)
+    def _refuse_empty(self, context: grpc.ServicerContext, method: str) -> None:
+        """Refuse a request without container requests."""
+        message = f'invalid {method} request for "{self.resource_name}": no container requests'
+        self._refuse(context, method, message)
+
+    def _refuse(self, context: grpc.ServicerContext, method: str, message: str) -> None:
+        """Abort the call with INVALID_ARGUMENT and this message (it names resource and ID)."""
+        log.warning("%s for %s refused: %s", method, self.resource_name, message)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def PreStartContainer(  # noqa: N802
