@@ -10,6 +10,7 @@ import threading
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from sharing.health import mps_key
 from sharing.plan import Plan, ResourcePlan
 
 
@@ -24,14 +25,13 @@ class DeviceState(NamedTuple):
 Snapshot = tuple[DeviceState, ...]
 
 
-def mps_health_key(resource_name: str) -> str:
-    """Overlay key that marks every device of an MPS resource Unhealthy (its daemon is down)."""
-    return f"mps:{resource_name}"
-
-
 def build_snapshot(resource: ResourcePlan, overlay: Mapping[str, str]) -> Snapshot:
-    """The devices of a resource with health from the overlay (parent GPU, MIG device or MPS)."""
-    resource_down = mps_health_key(resource.name) in overlay
+    """The devices of a resource with health from the overlay (parent GPU, MIG device or MPS).
+
+    The rule is sharing.health.unhealthy_reason's, with the resource-wide MPS key looked up
+    once per resource instead of once per device.
+    """
+    resource_down = mps_key(resource.name) in overlay
     return tuple(
         DeviceState(
             d.id,

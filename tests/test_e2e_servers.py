@@ -13,7 +13,8 @@ import pytest
 from plugin.allocate import build_allocators
 from plugin.kubelet import KubeletLink
 from plugin.server import PluginServer, create_server
-from plugin.state import NodeState, mps_health_key
+from plugin.state import NodeState
+from sharing.health import mps_key
 from sharing.plan import Plan, ResourcePlan, ServeOptions, VirtualDevice
 from tests.fakes.kubelet import FakeKubelet
 
@@ -108,7 +109,7 @@ def test_overlay_pushes_unhealthy_replicas(node: Node, kubelet: FakeKubelet) -> 
     node.state.set_overlay({GPUS[1]: "XID 79"})
     sick = kubelet.wait_for_list("nvidia.com/gpu", lambda d: d.unhealthy_ids != [])
     assert sick.unhealthy_ids == [f"{GPUS[1]}::0", f"{GPUS[1]}::1"]
-    node.state.set_overlay({mps_health_key("example.com/vgpu"): "daemon down"})
+    node.state.set_overlay({mps_key("example.com/vgpu"): "daemon down"})
     kubelet.wait_for_list("nvidia.com/gpu", lambda d: d.unhealthy_ids == [])
     vgpu = kubelet.wait_for_list("example.com/vgpu", lambda d: d.healthy_ids == [])
     assert len(vgpu.unhealthy_ids) == 12
