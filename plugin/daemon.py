@@ -19,12 +19,16 @@ from types import FrameType
 from typing import Any, Protocol
 
 from plugin.allocate import ResourceAllocator, build_allocators
+from plugin.config_file import build_plan_from, load_config_file
+from plugin.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.kubelet import KubeletLink
 from plugin.server import PluginServer, create_server
 from plugin.state import NodeState
 from plugin.watch import FileWatcher
+from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import NvmlError, SharingError
+from sharing.nvml import Nvml, nvml_session, read_inventory
 from sharing.plan import Plan
 
 log = logging.getLogger("gpushare.daemon")
@@ -64,8 +68,8 @@ class Daemon:
         self.kubelet_dir = Path(kubelet_dir)
         self.state = NodeState()
         self.inventory: Inventory | None = None
-        self.config: Any = None
-        self.nvml: Any = None
+        self.config: Config | None = None
+        self.nvml: Nvml | None = None
         self.reload_failures = 0
         self._nvml_lib = nvml_lib
         self._env = dict(env)
@@ -73,6 +77,7 @@ class Daemon:
         self._mps_control = mps_control
         self.mps_supervisor: Any = None
         self._servers: dict[str, PluginServer] = {}
+        self._restart_errors: dict[str, str] = {}  # resource -> last restart error logged
         self._allocators: dict[str, ResourceAllocator] = {}
         self._lock = threading.RLock()
         self._components: list[Component] = []
@@ -152,9 +157,9 @@ class Daemon:
         config = self._load_config()
         self.config = config
         try:
-            self.nvml = self._exit.enter_context(_nvml_session(self._nvml_lib))
+            self.nvml = self._exit.enter_context(nvml_session(self._nvml_lib))
         except NvmlError as err:
-            if _fail_on_init_error(config):
+            if config.flags.fail_on_init_error:
                 raise
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
@@ -243,38 +248,48 @@ class Daemon:
         self._apply(plan, inventory, config=config, seq=seq)
         return True
 
-    def restart_servers(self) -> None:
-        """Stop and start every server again (after the kubelet deleted our sockets)."""
+    def restart_servers(self, names: Sequence[str]) -> None:
+        """Stop and start these resources' servers again (the kubelet deleted their sockets).
+
+        A server that fails to start is logged (once per distinct error) and left to the next
+        look at the kubelet directory, which finds its socket still missing and tries again.
+        """
+        restarted = []
         with self._lock:
-            servers = list(self._servers.values())
-            for server in servers:
+            for name in names:
+                server = self._servers.get(name)
+                if server is None:
+                    continue
                 server.stop(grace_s=0.05)
-            for server in servers:
-                server.start()
-        log.info("restarted %d servers", len(servers))
+                try:
+                    server.start()
+                except (OSError, TimeoutError) as err:
+                    repeat = self._restart_errors.get(name) == str(err)
+                    log.log(logging.DEBUG if repeat else logging.ERROR,
+                            "restarting the server of %s failed: %s; retrying", name, err)
+                    self._restart_errors[name] = str(err)
+                else:
+                    self._restart_errors.pop(name, None)
+                    restarted.append(name)
+        if restarted:
+            log.info("restarted the servers of %s", ", ".join(restarted))
 
     # --- composition --------------------------------------------------------------------------
 
-    def _load_config(self) -> Any:
+    def _load_config(self) -> Config:
         """The config from the file (or defaults), with environment and flags applied."""
-        from plugin.config_file import load_config_file
-        from sharing.config import apply_overrides, default_config
-
         if self.config_path is not None:
             return load_config_file(self.config_path, env=self._env, overrides=self._overrides)
         return apply_overrides(default_config(), self._env, self._overrides)
 
-    def _build(self, config: Any) -> tuple[Plan, Inventory]:
+    def _build(self, config: Config) -> tuple[Plan, Inventory]:
         """Read the node and build the Plan (empty when NVML is unavailable)."""
-        from plugin.config_file import build_plan_from
-        from sharing.nvml import read_inventory
-
         if self.nvml is None:
             return Plan(resources=()), Inventory(gpus=())
         inventory = read_inventory(self.nvml)
         return build_plan_from(inventory, config, self.config_path), inventory
 
-    def _apply(self, plan: Plan, inventory: Inventory, *, config: Any, seq: int) -> None:
+    def _apply(self, plan: Plan, inventory: Inventory, *, config: Config, seq: int) -> None:
         """Serve `plan`: stop vanished resources, push changed lists, serve and register new.
 
         Nothing happens once stop() began, or when a later reload (`seq`) applied already.
@@ -313,12 +328,10 @@ class Daemon:
             for listener in self._listeners:
                 listener(plan, inventory)
 
-    def _add_health_monitor(self, config: Any) -> Any:
+    def _add_health_monitor(self, config: Config) -> HealthMonitor | None:
         """Watch NVML events and probes; the monitor follows every applied Plan."""
         if self.nvml is None or self.inventory is None:
             return None
-        from plugin.health_monitor import create_health_monitor, health_policy
-
         monitor = create_health_monitor(
             nvml=self.nvml, env=self._env, health=config.health, plan=self.plan,
             inventory=self.inventory, publish=self.set_health_overlay,
@@ -332,7 +345,7 @@ class Daemon:
         self.add_plan_listener(follow)
         return monitor
 
-    def _add_mps_supervisor(self, monitor: Any) -> None:
+    def _add_mps_supervisor(self, monitor: HealthMonitor | None) -> None:
         """One MPS control daemon per MPS resource; its failures mark the devices Unhealthy."""
         from plugin.mps_wiring import add_mps_supervisor, mps_control_for
 
@@ -353,17 +366,6 @@ class Daemon:
         server.start()
         self._servers[name] = server
         log.info("serving %s (%d devices) on %s", name, len(resource.devices), resource.socket_name)
-
-
-def _nvml_session(lib: Any) -> contextlib.AbstractContextManager[Any]:
-    from sharing.nvml import nvml_session
-
-    return nvml_session(lib)
-
-
-def _fail_on_init_error(config: Any) -> bool:
-    flags = getattr(config, "flags", None)
-    return bool(getattr(flags, "fail_on_init_error", True))
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -97,7 +97,7 @@ class KubeletLink:
         kubelet_dir: Path,
         *,
         sockets: Callable[[], Mapping[str, str]],
-        restart_servers: Callable[[], None],
+        restart_servers: Callable[[Sequence[str]], None],
         poll_s: float = 0.05,
         retry_s: float = 0.5,
         max_retry_s: float = 30.0,
@@ -118,6 +118,7 @@ class KubeletLink:
         self._loop = PollLoop("kubelet-watch", self.poll_once, poll_s=poll_s, delay_first=False)
         self._kubelet: tuple[int, int] | None = None
         self._kubelet_lost = False
+        self._restart_reason = ""  # the last restart reason logged, so a repeat is not
         self.registrations = 0
 
     def request(self, names: Iterable[str]) -> None:
@@ -162,27 +163,42 @@ class KubeletLink:
                          self.kubelet_dir)
                 self._kubelet_lost = True
             return
-        missing = self._missing_sockets()
+        missing = self._missing_resources()
         recreated = self._kubelet is not None and (self._kubelet_lost or current != self._kubelet)
         if self._kubelet_lost:
             log.info("%s is there: registering with the kubelet", KUBELET_SOCKET)
         if missing or recreated:
-            reason = f"socket {missing[0]} removed" if missing else f"{KUBELET_SOCKET} re-created"
-            log.info("kubelet restart seen (%s): restarting servers and registering again",
-                     reason)
-            self._restart_servers()
+            self._log_restart(missing, recreated)
+            if missing:
+                self._restart_servers(missing)
             self.request(self._sockets())
+        else:
+            self._restart_reason = ""
         self._kubelet = current
         self._kubelet_lost = False
         self._register_pending()
 
-    def _missing_sockets(self) -> list[str]:
-        """Our socket files that are gone, ignoring those a reload stopped serving meanwhile."""
-        missing = [s for s in self._sockets().values() if not (self.kubelet_dir / s).exists()]
+    def _missing_resources(self) -> list[str]:
+        """Resources whose socket file is gone, ignoring those a reload stopped meanwhile."""
+        missing = [n for n, s in self._sockets().items() if not (self.kubelet_dir / s).exists()]
         if missing:  # read again: the served set may have changed since the first read
-            served = set(self._sockets().values())
-            missing = [s for s in missing if s in served and not (self.kubelet_dir / s).exists()]
+            served = self._sockets()
+            missing = [
+                n for n in missing if n in served and not (self.kubelet_dir / served[n]).exists()
+            ]
         return missing
+
+    def _log_restart(self, missing: Sequence[str], recreated: bool) -> None:
+        """Say once what was seen; a repeat (a server that keeps failing to start) is debug."""
+        if missing:
+            reason = f"sockets of {', '.join(missing)} removed"
+            action = "restarting those servers and registering again"
+        else:
+            reason = f"{KUBELET_SOCKET} re-created"
+            action = "registering again"
+        level = logging.DEBUG if reason == self._restart_reason else logging.INFO
+        log.log(level, "kubelet restart seen (%s): %s", reason, action)
+        self._restart_reason = reason
 
     def _register_pending(self) -> None:
         # The served sockets are read after the pending set: a resource a reload added and

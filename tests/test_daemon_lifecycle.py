@@ -100,7 +100,8 @@ def test_refused_registration_backs_off_and_is_logged_once(
     server.start()
     kubelet = RefusingKubelet(kubelet_dir)
     now = [0.0]
-    link = KubeletLink(kubelet_dir, sockets=lambda: {name: socket}, restart_servers=server.start,
+    link = KubeletLink(kubelet_dir, sockets=lambda: {name: socket},
+                       restart_servers=lambda _names: server.start(),
                        retry_s=0.5, max_retry_s=2.0, clock=lambda: now[0])
     link.request([name])
     tried_at: list[float] = []
@@ -241,3 +242,75 @@ def test_request_without_containers_is_invalid_argument_and_serving_goes_on(
     assert "nvidia.com/gpu" in (refused.value.details() or "")
     assert "no container requests" in (refused.value.details() or "")
     assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses
+
+
+TWO_RESOURCES = """\
+version: v1
+sharing:
+  timeSlicing:
+    resources:
+      - name: nvidia.com/gpu
+        rename: nvidia.com/gpu.shared
+        devices: [0, 1, 2, 3]
+        replicas: 2
+"""
+
+
+def test_a_server_that_cannot_restart_is_logged_once_and_spares_the_others(
+    config: Path, kubelet_dir: Path, tmp_path: Path, kubelet: FakeKubelet,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Restarting one server whose directory is gone: one ERROR line, the other server untouched."""
+    config.write_text(TWO_RESOURCES)
+    daemon = make_daemon(config, kubelet_dir, tmp_path, config_poll_s=IDLE_S,
+                         kubelet_poll_s=IDLE_S)
+    daemon.start()
+    moved = kubelet_dir.with_name(kubelet_dir.name + "-away")
+    try:
+        kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 4)
+        other = (kubelet_dir / "gpushare-gpu.sock").stat().st_ino
+        kubelet_dir.rename(moved)  # nothing can be bound in the kubelet directory now
+        with caplog.at_level(logging.DEBUG, logger="gpushare.daemon"):
+            for _ in range(3):
+                daemon.restart_servers(["nvidia.com/gpu.shared"])
+            moved.rename(kubelet_dir)
+            daemon.restart_servers(["nvidia.com/gpu.shared"])
+        failures = [r for r in caplog.records if "restarting the server of" in r.message]
+        assert [r.levelno for r in failures] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+        assert "nvidia.com/gpu.shared" in failures[0].message
+        assert "restarted the servers of nvidia.com/gpu.shared" in caplog.text
+        assert (kubelet_dir / "gpushare-gpu.shared.sock").exists()
+        assert (kubelet_dir / "gpushare-gpu.sock").stat().st_ino == other
+    finally:
+        if moved.exists():
+            moved.rename(kubelet_dir)
+        daemon.stop()
+
+
+def test_only_servers_whose_socket_is_gone_are_restarted(
+    kubelet_dir: Path, kubelet: FakeKubelet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet watch restarts just the resource whose socket vanished, and says so once."""
+    names = {"example.com/a": "gpushare-a.sock", "example.com/b": "gpushare-b.sock"}
+    servers = {
+        n: create_server(n, kubelet_dir / s, state=NodeState(), allocator=lambda _: None)
+        for n, s in names.items()
+    }
+    for server in servers.values():
+        server.start()
+    asked: list[list[str]] = []
+    link = KubeletLink(kubelet_dir, sockets=lambda: names,
+                       restart_servers=lambda missing: asked.append(list(missing)))
+    try:
+        link.poll_once()
+        (kubelet_dir / names["example.com/b"]).unlink()
+        with caplog.at_level(logging.DEBUG, logger="plugin.kubelet"):
+            link.poll_once()
+            link.poll_once()  # still missing: asked again, logged at debug only
+        assert asked == [["example.com/b"], ["example.com/b"]]
+        seen = [r for r in caplog.records if "kubelet restart seen" in r.message]
+        assert [r.levelno for r in seen] == [logging.INFO, logging.DEBUG]
+        assert "sockets of example.com/b removed" in seen[0].message
+    finally:
+        for server in servers.values():
+            server.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,11 +58,11 @@ class Node:
         )
         self.link.start()
 
-    def restart(self) -> None:
+    def restart(self, names: Sequence[str]) -> None:
         self.restarts += 1
-        for server in self.servers.values():
-            server.stop(0.05)
-            server.start()
+        for name in names:
+            self.servers[name].stop(0.05)
+            self.servers[name].start()
 
     def stop(self) -> None:
         self.link.stop()
