@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from sharing.errors import ConfigError
 
-NODES_DIR = Path(__file__).resolve().parents[2] / "configs" / "nodes"
+_CHECKOUT_NODES = Path(__file__).resolve().parents[2] / "configs" / "nodes"
+_INSTALLED_NODES = Path(sys.prefix) / "share" / "gpushare" / "configs" / "nodes"
+# A checkout (or editable install) reads configs/nodes in place; `pip install .` puts them
+# under <prefix>/share/gpushare (pyproject's data-files).
+NODES_DIR = _CHECKOUT_NODES if _CHECKOUT_NODES.is_dir() else _INSTALLED_NODES
 NODE_HELP = (
     "simulated node: a shipped node name (see `gpushare sim nodes`), a node YAML file, or a "
     "state directory made by `gpushare sim create`; without it, the real NVML"
