@@ -13,6 +13,7 @@ from sharing.nvml import (
     NODES_DIR,
     HostFiles,
     Nvml,
+    find_nodes_dir,
     host_root_for,
     load_library,
     nvml_session,
@@ -153,6 +154,20 @@ def test_load_library_bad_node_file_names_file_and_field(tmp_path: Path) -> None
 def test_shipped_nodes_live_in_configs_nodes() -> None:
     assert shipped_nodes() == ["a30x4", "dgx-a100", "h200", "hgx-h100", "laptop", "mixed"]
     assert NODES_DIR == Path(__file__).resolve().parents[1] / "configs" / "nodes"
+
+
+def test_an_install_without_checkout_reads_the_installed_node_files(tmp_path: Path) -> None:
+    """`pip install .` (no configs/ beside the package): <prefix>/share/gpushare is used."""
+    checkout, prefix = tmp_path / "site-packages", tmp_path / "venv"
+    checkout.mkdir()
+    assert find_nodes_dir(checkout, prefix) == prefix / "share/gpushare/configs/nodes"
+    (checkout / "configs" / "nodes").mkdir(parents=True)
+    assert find_nodes_dir(checkout, prefix) == checkout / "configs" / "nodes"
+
+
+def test_pyproject_installs_every_node_file_where_find_nodes_dir_looks() -> None:
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"share/gpushare/configs/nodes" = ["configs/nodes/*.yaml"]' in pyproject
 
 
 @pytest.mark.parametrize(

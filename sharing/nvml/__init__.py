@@ -40,12 +40,13 @@ from sharing.nvml.mig import (
     set_compute_mode,
     set_mig_mode,
 )
-from sharing.nvml.nodes import NODE_HELP, NODES_DIR, shipped_nodes
+from sharing.nvml.nodes import NODE_HELP, NODES_DIR, find_nodes_dir, shipped_nodes
 from sharing.nvml.profiles import CARDS, CardModel, MigProfile, canonical_name, memory_gb
 
 __all__ = [
     "CARDS",
     "NODES_DIR",
+    "find_nodes_dir",
     "NODE_HELP",
     "CardModel",
     "EventWatcher",

@@ -7,11 +7,20 @@ from pathlib import Path
 
 from sharing.errors import ConfigError
 
-_CHECKOUT_NODES = Path(__file__).resolve().parents[2] / "configs" / "nodes"
-_INSTALLED_NODES = Path(sys.prefix) / "share" / "gpushare" / "configs" / "nodes"
-# A checkout (or editable install) reads configs/nodes in place; `pip install .` puts them
-# under <prefix>/share/gpushare (pyproject's data-files).
-NODES_DIR = _CHECKOUT_NODES if _CHECKOUT_NODES.is_dir() else _INSTALLED_NODES
+
+def find_nodes_dir(checkout: Path, prefix: Path) -> Path:
+    """Where the shipped node files are: the checkout's configs/nodes, else the installed copy.
+
+    A checkout (or editable install) reads configs/nodes in place; `pip install .` puts the
+    files under <prefix>/share/gpushare/configs/nodes (pyproject's data-files).
+    """
+    in_checkout = checkout / "configs" / "nodes"
+    if in_checkout.is_dir():
+        return in_checkout
+    return prefix / "share" / "gpushare" / "configs" / "nodes"
+
+
+NODES_DIR = find_nodes_dir(Path(__file__).resolve().parents[2], Path(sys.prefix))
 NODE_HELP = (
     "simulated node: a shipped node name (see `gpushare sim nodes`), a node YAML file, or a "
     "state directory made by `gpushare sim create`; without it, the real NVML"
