@@ -62,7 +62,9 @@ def entries(config: Config) -> list[Entry]:
 class _Resolver:
     """Resolves device references of entries against the node's advertisable devices."""
 
-    def __init__(self, inventory: Inventory, physical: Sequence[tuple[str, PhysicalDevice]]):
+    def __init__(
+        self, inventory: Inventory, physical: Sequence[tuple[str, PhysicalDevice]]
+    ) -> None:
         self.inventory = inventory
         self.physical = physical
         self.name_of = {d.uuid: name for name, d in physical}
