@@ -12,7 +12,7 @@ import psutil
 from benchmarks.node import DaemonUnderTest
 from benchmarks.stats import Figure
 from benchmarks.synthetic import synthetic_inventory, time_slicing_config
-from plugin import convert
+from plugin.daemon import convert
 from sharing.allocation import preferred_allocation
 from sharing.nvml import load_library, nvml_session, read_inventory, sim
 from sharing.plan import build_plan

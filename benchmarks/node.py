@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from plugin.api import pb_grpc
-from plugin.standin import KubeletStandIn
+from plugin.standin.kubelet import KubeletStandIn
 from sharing.nvml import sim
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from mps_daemon.runner import CommandRunner, Process, SubprocessRunner
 from sharing.devices import ComputeMode
 from sharing.errors import NvmlError, SharingError
 from sharing.mps import format_mem_limit
-from sharing.plan import MpsSpec
+from sharing.plan_types import MpsSpec
 
 log = logging.getLogger("gpushare.mps")
 

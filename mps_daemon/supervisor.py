@@ -21,7 +21,7 @@ from typing import Any
 
 from mps_daemon.control import MpsControlDaemon, MpsDaemonError
 from mps_daemon.runner import CommandRunner
-from sharing.plan import MpsSpec, Plan
+from sharing.plan_types import MpsSpec, Plan
 
 log = logging.getLogger("gpushare.mps")
 

@@ -1,1 +1,2 @@
-"""gpushare node daemon: gRPC device plugin servers, kubelet lifecycle, composition, CLI."""
+"""gpushare's node side: `cli/` (the `gpushare` commands), `daemon/` (what `gpushare run`
+serves), `standin/` (a kubelet stand-in for demos and tests) and `api/` (device plugin v1beta1)."""

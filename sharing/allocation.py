@@ -12,7 +12,7 @@ from itertools import combinations
 from math import comb
 
 from sharing.errors import InvalidRequest
-from sharing.plan import Plan, ResourcePlan, VirtualDevice
+from sharing.plan_types import Plan, ResourcePlan, VirtualDevice
 
 # Above this many candidate sets, full-GPU selection switches from exhaustive search to greedy.
 MAX_EXHAUSTIVE_SETS = 5000

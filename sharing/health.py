@@ -55,7 +55,7 @@ from sharing.health_policy import (
     describe_xid,
     event_xid,
 )
-from sharing.plan import Plan
+from sharing.plan_types import Plan
 
 __all__ = [
     "DEFAULT_IGNORED_XIDS",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sharing.devices import Inventory
 from sharing.health_policy import WHOLE_GPU_SCOPE, XidEventLike
-from sharing.plan import Plan, VirtualDevice
+from sharing.plan_types import Plan, VirtualDevice
 
 
 def mps_key(resource: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sharing.devices import Inventory
-from sharing.plan import ResourcePlan
+from sharing.plan_types import ResourcePlan
 
 LabelList = tuple[tuple[str, str], ...]
 

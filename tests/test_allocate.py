@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.allocate import (
+from plugin.daemon.allocate import (
     ContainerAllocation,
     DeviceNodeSpec,
     MountSpec,
@@ -16,9 +16,9 @@ from plugin.allocate import (
     build_allocators,
     existing_control_nodes,
 )
-from plugin.convert import to_pb_container_response
+from plugin.daemon.convert import to_pb_container_response
 from sharing.errors import InvalidRequest
-from sharing.plan import MpsSpec, ResourcePlan, ServeOptions, VirtualDevice
+from sharing.plan_types import MpsSpec, ResourcePlan, ServeOptions, VirtualDevice
 
 G0, G1, G2 = (f"GPU-0000000{i}-aaaa-4000-8000-00000000000{i}" for i in range(3))
 MIG = "MIG-11111111-2222-4000-8000-000000000001"

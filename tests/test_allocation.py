@@ -10,7 +10,8 @@ from sharing.allocation import preferred_allocation, validate_allocate
 from sharing.config import apply_overrides, load_config
 from sharing.devices import Inventory
 from sharing.errors import InvalidRequest
-from sharing.plan import Plan, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import Plan
 from tests.fakes.inventories import dgx_a100, grouped_links, make_gpu, pcie_gpus, with_mig
 
 A100 = dgx_a100()

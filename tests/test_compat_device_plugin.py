@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from plugin.allocate import ResourceAllocator
-from plugin.config_file import load_config_file
+from plugin.cli.config_file import load_config_file
+from plugin.daemon.allocate import ResourceAllocator
 from sharing.allocation import preferred_allocation
 from sharing.devices import Inventory
 from sharing.errors import InvalidRequest
-from sharing.plan import Plan, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import Plan
 
 COMPAT = Path(__file__).parent / "data" / "compat" / "nvidia-device-plugin"
 ENV = {"MPS_ROOT": "/run/nvidia/mps"}

@@ -11,14 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from plugin import convert
-from plugin import server as server_module
 from plugin.api import pb, pb_grpc
-from plugin.daemon import Daemon
-from plugin.kubelet import KubeletLink
-from plugin.server import create_server
-from plugin.state import NodeState
-from sharing.plan import Plan
+from plugin.daemon import convert
+from plugin.daemon import server as server_module
+from plugin.daemon.core import Daemon
+from plugin.daemon.kubelet import KubeletLink
+from plugin.daemon.server import create_server
+from plugin.daemon.state import NodeState
+from sharing.plan_types import Plan
 from tests.fakes.kubelet import FakeKubelet
 from tests.test_e2e_servers import time_sliced
 from tests.test_reload import make_daemon, time_slicing
@@ -106,7 +106,7 @@ def test_refused_registration_backs_off_and_is_logged_once(
     link.request([name])
     tried_at: list[float] = []
     try:
-        with caplog.at_level(logging.DEBUG, logger="plugin.kubelet"):
+        with caplog.at_level(logging.DEBUG, logger="plugin.daemon.kubelet"):
             for step in range(80):  # 8 s of polls, 0.1 s apart
                 now[0] = step / 10
                 before = kubelet.attempts
@@ -304,7 +304,7 @@ def test_only_servers_whose_socket_is_gone_are_restarted(
     try:
         link.poll_once()
         (kubelet_dir / names["example.com/b"]).unlink()
-        with caplog.at_level(logging.DEBUG, logger="plugin.kubelet"):
+        with caplog.at_level(logging.DEBUG, logger="plugin.daemon.kubelet"):
             link.poll_once()
             link.poll_once()  # still missing: asked again, logged at debug only
         assert asked == [["example.com/b"], ["example.com/b"]]

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from plugin.daemon import Daemon
+from plugin.daemon.core import Daemon
 from tests.fakes.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import io
 import re
 from pathlib import Path
 
-from plugin.demo import run_demo
+from plugin.cli.demo import run_demo
 
 
 def test_demo_walkthrough() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from plugin.daemon import Daemon
-from plugin.health_monitor import HealthMonitor
+from plugin.daemon.core import Daemon
+from plugin.daemon.health_monitor import HealthMonitor
 from sharing.errors import ConfigError
 from sharing.nvml import load_library
 from sharing.nvml.sim import create_state, inject_xid, inject_xids, lose_gpu, reset_gpu

@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from plugin.allocate import build_allocators
-from plugin.kubelet import KubeletLink
-from plugin.server import PluginServer, create_server
-from plugin.state import NodeState
+from plugin.daemon.allocate import build_allocators
+from plugin.daemon.kubelet import KubeletLink
+from plugin.daemon.server import PluginServer, create_server
+from plugin.daemon.state import NodeState
 from sharing.health import mps_key
-from sharing.plan import Plan, ResourcePlan, ServeOptions, VirtualDevice
+from sharing.plan_types import Plan, ResourcePlan, ServeOptions, VirtualDevice
 from tests.fakes.kubelet import FakeKubelet
 
 GPUS = [f"GPU-e2e0000{i}-0000-4000-8000-00000000000{i}" for i in range(4)]

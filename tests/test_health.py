@@ -17,7 +17,7 @@ from sharing.health import (
     mps_key,
     unhealthy_devices,
 )
-from sharing.plan import Plan
+from sharing.plan_types import Plan
 from tests.fakes.health import (
     MIG_GPU,
     MIG_LAYOUT,

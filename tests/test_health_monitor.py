@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.health_monitor import HealthMonitor
+from plugin.daemon.health_monitor import HealthMonitor
 from sharing.config import load_config
 from sharing.health import HealthSettings, XidPolicy
 from sharing.nvml import NODES_DIR, Nvml, read_inventory

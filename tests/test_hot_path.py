@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from plugin.daemon import Daemon
+from plugin.daemon.core import Daemon
 from sharing.nvml import load_library
 from sharing.nvml.sim import create_state
 from tests.fakes.kubelet import FakeKubelet

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from plugin.cli import main
-from plugin.daemon import Daemon
+from plugin.daemon.core import Daemon
 from sharing.nvml import load_library
 from tests.fakes.kubelet import FakeKubelet
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 
 from mps_daemon import MpsControlDaemon, MpsDaemonError, MpsSupervisor, checked_dirs, standin_argv
-from plugin.daemon import Daemon
+from plugin.daemon.core import Daemon
 from sharing.config import load_config
 from sharing.devices import ComputeMode, Inventory
 from sharing.errors import PlanError
 from sharing.mps import MpsPaths
 from sharing.nvml import Nvml, load_library, read_inventory
-from sharing.plan import MpsSpec, Plan, ResourcePlan, ServeOptions, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import MpsSpec, Plan, ResourcePlan, ServeOptions
 from tests.fakes.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ from sharing.config import apply_overrides, load_config
 from sharing.config_models import Config
 from sharing.devices import Inventory
 from sharing.errors import PlanError
-from sharing.plan import Plan, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import Plan
 from tests.fakes.inventories import dgx_a100, make_gpu, pcie_gpus, with_mig
 
 A100 = dgx_a100()

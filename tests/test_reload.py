@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.daemon import Daemon
+from plugin.daemon.core import Daemon
 from tests.fakes.kubelet import FakeKubelet
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.state import NodeState, build_snapshot
+from plugin.daemon.state import NodeState, build_snapshot
 from sharing.config import load_config
 from sharing.health import mps_key, unhealthy_reason
-from sharing.plan import Plan, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import Plan
 from tests.fakes.inventories import dgx_a100, with_mig
 
 CONFIG = """\

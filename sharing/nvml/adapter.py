@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pynvml
 
 from sharing.errors import GpuLost, NvmlError, NvmlNotSupported, NvmlUnavailable
+from sharing.nvml.events import EventWatcher
 from sharing.nvml.host import HostFiles
 from sharing.nvml.recovery import FIELD_RECOVERY_ACTION, recovery_action_name
-
-if TYPE_CHECKING:
-    from sharing.nvml.events import EventWatcher
 
 _UNAVAILABLE = frozenset({
     pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_LIBRARY_NOT_FOUND,
@@ -55,10 +53,14 @@ def translate(err: pynvml.NVMLError, function: str) -> NvmlError:
 
 
 def host_root_for(lib: object) -> Path:
-    """Root of the host files (sysfs, procfs) that go with an NVML library object."""
-    from sharing.nvml.sim import SimNvml
+    """Root of the host files (sysfs, procfs) that go with an NVML library object.
 
-    return lib.host_root if isinstance(lib, SimNvml) else Path("/")
+    A simulated library carries its own `host_root` (its state directory's `host/`); the real
+    `pynvml` module has none and reads the machine's `/`. The adapter never imports the
+    simulator: `load_library` chose the library, and the library says where its host lives.
+    """
+    root = getattr(lib, "host_root", None)
+    return Path(root) if root is not None else Path("/")
 
 
 def numa_reader_for(lib: object) -> Callable[[str], int | None]:
@@ -150,8 +152,6 @@ class Nvml:
 
     def event_watcher(self, gpu_indices: Iterable[int]) -> EventWatcher:
         """An event set registered for XID and ECC events of these GPUs."""
-        from sharing.nvml.events import EventWatcher
-
         return EventWatcher(self, gpu_indices)
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pynvml
 
 from sharing.errors import NvmlError, NvmlNotSupported
-
-if TYPE_CHECKING:
-    from sharing.nvml.adapter import Nvml
 
 NO_ID = 0xFFFFFFFF
 WANTED_EVENTS = (
@@ -40,6 +37,16 @@ class XidEvent:
     ci_id: int | None = None
 
 
+class NvmlCalls(Protocol):
+    """What the watcher needs of the adapter (`sharing.nvml.adapter.Nvml`), which creates it."""
+
+    def call(self, function: str, *args: Any) -> Any: ...
+
+    def call_versioned(self, functions: tuple[str, ...], *args: Any) -> Any: ...
+
+    def handle(self, gpu_index: int) -> Any: ...
+
+
 def _address(handle: Any) -> int:
     return ctypes.cast(handle, ctypes.c_void_p).value or 0
 
@@ -47,7 +54,7 @@ def _address(handle: Any) -> int:
 class EventWatcher:
     """An NVML event set over some GPUs. `failed` maps GPU index -> why it could not be watched."""
 
-    def __init__(self, nvml: Nvml, gpu_indices: Iterable[int]) -> None:
+    def __init__(self, nvml: NvmlCalls, gpu_indices: Iterable[int]) -> None:
         self._nvml = nvml
         self._set = nvml.call("nvmlEventSetCreate")
         self._gpus: dict[int, tuple[int, str]] = {}  # handle address -> (index, uuid)

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from sharing.config_models import ReplicatedResource
 from sharing.devices import Gpu, MigDevice, VirtualDeviceId
-from sharing.plan import ResourcePlan, ServeOptions, Strategy, VirtualDevice
+from sharing.plan_types import ResourcePlan, ServeOptions, Strategy, VirtualDevice
 
 
 @dataclass(frozen=True)

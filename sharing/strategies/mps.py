@@ -9,7 +9,7 @@ from typing import Literal
 from sharing import mps
 from sharing.config_models import MpsReplicatedResource
 from sharing.errors import PlanError
-from sharing.plan import MpsSpec, ResourcePlan, ServeOptions
+from sharing.plan_types import MpsSpec, ResourcePlan, ServeOptions
 from sharing.strategies.base import Member, ResourceGroup, expand
 
 

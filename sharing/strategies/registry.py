@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sharing.plan import Strategy
+from sharing.plan_types import Strategy
 from sharing.strategies.base import SharingStrategy
 from sharing.strategies.mps import MpsSharing
 from sharing.strategies.none import NoSharing

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sharing.config_models import Config, Mps, ReplicatedResource, TimeSlicing, resource_name
 from sharing.devices import Gpu, Inventory
 from sharing.errors import PlanError
-from sharing.plan import Strategy
+from sharing.plan_types import Strategy
 from sharing.strategies.base import Member, PhysicalDevice, ResourceGroup
 
 SHARED_SUFFIX = ".shared"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sharing.plan import ResourcePlan, ServeOptions
+from sharing.plan_types import ResourcePlan, ServeOptions
 from sharing.strategies.base import ResourceGroup, expand
 
 

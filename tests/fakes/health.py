@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sharing.devices import Gpu, Inventory, MigDevice
 from sharing.health import EVENT_XID_CRITICAL, WHOLE_GPU_SCOPE
-from sharing.plan import Plan, ResourcePlan, Strategy, VirtualDevice
+from sharing.plan_types import Plan, ResourcePlan, Strategy, VirtualDevice
 from tests.fakes.inventories import dgx_a100, with_mig
 
 MIG_GPU = 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plugin.standin import Allocation, DeviceList, KubeletStandIn, Registration
+from plugin.standin.kubelet import Allocation, DeviceList, KubeletStandIn, Registration
 
 FakeKubelet = KubeletStandIn
 

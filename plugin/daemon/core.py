@@ -18,18 +18,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from plugin.allocate import ResourceAllocator, build_allocators
-from plugin.config_file import build_plan_from, load_config_file
-from plugin.health_monitor import HealthMonitor, create_health_monitor, health_policy
-from plugin.kubelet import KubeletLink
-from plugin.server import PluginServer, create_server
-from plugin.state import NodeState
-from plugin.watch import FileWatcher
+from plugin.cli.config_file import build_plan_from, load_config_file
+from plugin.daemon.allocate import ResourceAllocator, build_allocators
+from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
+from plugin.daemon.kubelet import KubeletLink
+from plugin.daemon.server import PluginServer, create_server
+from plugin.daemon.state import NodeState
+from plugin.daemon.watch import FileWatcher
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import NvmlError, SharingError
 from sharing.nvml import Nvml, nvml_session, read_inventory
-from sharing.plan import Plan
+from sharing.plan_types import Plan
 
 log = logging.getLogger("gpushare.daemon")
 
@@ -347,7 +347,7 @@ class Daemon:
 
     def _add_mps_supervisor(self, monitor: HealthMonitor | None) -> None:
         """One MPS control daemon per MPS resource; its failures mark the devices Unhealthy."""
-        from plugin.mps_wiring import add_mps_supervisor, mps_control_for
+        from plugin.daemon.mps_wiring import add_mps_supervisor, mps_control_for
 
         control = mps_control_for(self._nvml_lib, self._mps_control, self._env)
         self.mps_supervisor = add_mps_supervisor(self, monitor, control=control, env=self._env)

@@ -34,7 +34,7 @@ from sharing.health import (
     XidEventLike,
     XidPolicy,
 )
-from sharing.plan import Plan
+from sharing.plan_types import Plan
 
 log = logging.getLogger("gpushare.health")
 

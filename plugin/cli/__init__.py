@@ -23,7 +23,7 @@ physical parent.
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
-    from plugin import cmd_plan, cmd_run, cmd_sim
+    from plugin.cli import plan, run, sim
 
     parser = argparse.ArgumentParser(
         prog="gpushare",
@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: INFO)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    cmd_run.register(sub)
-    cmd_plan.register(sub)
-    cmd_sim.register(sub)
+    run.register(sub)
+    plan.register(sub)
+    sim.register(sub)
     return parser
 
 
@@ -55,5 +55,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import grpc
 
-from plugin import convert
-from plugin.allocate import ResourceAllocator
 from plugin.api import pb, pb_grpc
-from plugin.state import NodeState
+from plugin.daemon import convert
+from plugin.daemon.allocate import ResourceAllocator
+from plugin.daemon.state import NodeState
 from sharing.allocation import preferred_allocation
 from sharing.errors import InvalidRequest
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from sharing.config import OVERRIDES, Config, apply_overrides, load_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError
-from sharing.plan import Plan, build_plan
+from sharing.plan import build_plan
+from sharing.plan_types import Plan
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
 

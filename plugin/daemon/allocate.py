@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sharing.allocation import validate_allocate
 from sharing.mps import MpsPaths, pinned_mem_env
-from sharing.plan import ResourcePlan, ServeOptions, VirtualDevice
+from sharing.plan_types import ResourcePlan, ServeOptions, VirtualDevice
 
 CONTROL_DEVICE_NODES = (
     "/dev/nvidiactl",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from plugin.allocate import ContainerAllocation
 from plugin.api import API_VERSION, HEALTHY, UNHEALTHY, pb
-from plugin.state import Snapshot
+from plugin.daemon.allocate import ContainerAllocation
+from plugin.daemon.state import Snapshot
 
 
 def to_pb_options(*, preferred_allocation: bool = True) -> pb.DevicePluginOptions:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from mps_daemon import MpsSupervisor, standin_argv
-from sharing.plan import Plan
+from sharing.plan_types import Plan
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
 

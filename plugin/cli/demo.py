@@ -18,8 +18,8 @@ from typing import TextIO
 
 import grpc
 
-from plugin.daemon import Daemon
-from plugin.standin import KubeletStandIn
+from plugin.daemon.core import Daemon
+from plugin.standin.kubelet import KubeletStandIn
 from sharing.errors import SharingError
 
 DEMO_CONFIG = """\

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from plugin.config_file import (
+from plugin.cli.config_file import (
     add_override_arguments,
     build_plan_from,
     config_path,
@@ -20,7 +20,7 @@ from plugin.config_file import (
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError, SharingError
-from sharing.plan import Plan, ResourcePlan
+from sharing.plan_types import Plan, ResourcePlan
 
 EXIT_CONFIG = 2
 EXIT_NODE = 1

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 
-from plugin import convert
 from plugin.api import KUBELET_SOCKET, pb_grpc
-from plugin.watch import PollLoop
+from plugin.daemon import convert
+from plugin.daemon.watch import PollLoop
 
 log = logging.getLogger(__name__)
 

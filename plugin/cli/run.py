@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from plugin.api import DEFAULT_KUBELET_DIR
-from plugin.config_file import add_override_arguments, config_path, overrides_from_args
+from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
 from sharing.errors import SharingError
 
 EXIT_ERROR = 1
@@ -83,7 +83,7 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Start the daemon and serve until SIGTERM/SIGINT."""
-    from plugin.daemon import Daemon
+    from plugin.daemon.core import Daemon
     from sharing import nvml
 
     env = dict(os.environ)
@@ -105,6 +105,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo walkthrough."""
-    from plugin.demo import run_demo
+    from plugin.cli.demo import run_demo
 
     return run_demo(node=args.node, config=args.config, keep=args.keep)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from sharing.health import mps_key
-from sharing.plan import Plan, ResourcePlan
+from sharing.plan_types import Plan, ResourcePlan
 
 
 class DeviceState(NamedTuple):

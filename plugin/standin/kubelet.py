@@ -20,10 +20,10 @@ from pathlib import Path
 
 import grpc
 
-from plugin import convert
 from plugin.api import API_VERSION, HEALTHY, KUBELET_SOCKET, pb, pb_grpc
-from plugin.kubelet import resource_name_problem
-from plugin.state import DeviceState
+from plugin.daemon import convert
+from plugin.daemon.kubelet import resource_name_problem
+from plugin.daemon.state import DeviceState
 
 log = logging.getLogger(__name__)
 

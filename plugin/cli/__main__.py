@@ -1,0 +1,7 @@
+"""`python -m plugin.cli …` runs the `gpushare` command line."""
+
+import sys
+
+from plugin.cli import main
+
+sys.exit(main())
