@@ -80,6 +80,8 @@ OVERRIDES: tuple[Override, ...] = (
     Override(
         "cdi-annotation-prefix", "CDI_ANNOTATION_PREFIX", ("flags", "plugin", "cdiAnnotationPrefix")
     ),
+    Override("cdi-kind", "CDI_KIND", ("flags", "plugin", "cdiKind")),
+    Override("nvidia-ctk-path", "NVIDIA_CTK_PATH", ("flags", "plugin", "nvidiaCTKPath")),
     Override(
         "container-driver-root", "CONTAINER_DRIVER_ROOT", ("flags", "plugin", "containerDriverRoot")
     ),

@@ -190,6 +190,11 @@ class PluginFlags(StrictModel):
     device_list_strategy: DeviceListStrategies = ("envvar",)
     device_id_strategy: Literal["uuid", "index"] = Field("uuid", alias="deviceIDStrategy")
     cdi_annotation_prefix: StrictStr = "cdi.k8s.io/"
+    # gpushare extension: the CDI kind Allocate names; the default one's spec gpushare writes,
+    # nvidia.com/gpu names the devices of the NVIDIA Container Toolkit's own spec.
+    cdi_kind: Literal["k8s.device-plugin.nvidia.com/gpu", "nvidia.com/gpu"] = (
+        "k8s.device-plugin.nvidia.com/gpu"
+    )
     nvidia_ctk_path: StrictStr = Field("/usr/bin/nvidia-ctk", alias="nvidiaCTKPath")
     container_driver_root: StrictStr = "/driver-root"
     shared_devices_allocation_policy: Literal["distributed", "packed"] = "distributed"

@@ -25,6 +25,7 @@ def serve_options(config: Config) -> ServeOptions:
         device_id_strategy=plugin.device_id_strategy,
         pass_device_specs=plugin.pass_device_specs,
         cdi_annotation_prefix=plugin.cdi_annotation_prefix,
+        cdi_kind=plugin.cdi_kind,
         nvidia_dev_root=flags.dev_root,
         container_driver_root=plugin.container_driver_root,
         shared_devices_allocation_policy=plugin.shared_devices_allocation_policy,

@@ -68,6 +68,12 @@ OVERRIDE_HELP = {
     "device-id-strategy": "device IDs handed to the runtime: uuid (default) or index",
     "cdi-annotation-prefix": "annotation prefix for the cdi-annotations strategy"
     " (default cdi.k8s.io/)",
+    "cdi-kind": "CDI kind of the device names in CDI answers: k8s.device-plugin.nvidia.com/gpu"
+    " (default; gpushare writes its spec into --cdi-spec-dir) or nvidia.com/gpu (the NVIDIA"
+    " Container Toolkit's own spec, which must define every name)",
+    "nvidia-ctk-path": "the NVIDIA Container Toolkit CLI whose `cdi generate` gives the CDI"
+    " spec's container edits (default /usr/bin/nvidia-ctk; with --node, the stand-in"
+    " plugin/standin/nvidia_ctk.py); without it, device nodes only",
     "container-driver-root": "where the driver root is mounted inside gpushare's container",
     "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
     " distributed (spread over GPUs, default) or packed",

@@ -208,10 +208,11 @@ def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
         if not is_state_dir(sim_state):
             sim_state = create_state(node, workdir / "node")
         kubelet = KubeletStandIn(kubelet_dir)
-        # MPS pipes, logs and shm stay in the demo's own directory, whatever mpsRoot says.
+        # MPS pipes, logs and shm, and the CDI spec, stay in the demo's own directory.
         daemon = Daemon(config_path=config_path, kubelet_dir=kubelet_dir,
                         nvml_lib=nvml.load_library(str(sim_state)), env={},
-                        overrides={"mps-root": str(workdir / "mps")})
+                        overrides={"mps-root": str(workdir / "mps")},
+                        cdi_spec_dir=workdir / "cdi")
         ctx = DemoContext(workdir, node, config_path, daemon, kubelet, sim_state, out)
         try:
             daemon.start()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from plugin.api import DEFAULT_KUBELET_DIR
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
+from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
 from sharing.errors import SharingError
 
 EXIT_ERROR = 1
@@ -58,6 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the MPS control program run for each MPS resource (default: nvidia-cuda-mps-control"
         " from PATH; with --node, the stand-in mps_daemon/standin.py)",
     )
+    run.add_argument(
+        "--cdi-spec-dir",
+        metavar="DIR",
+        type=Path,
+        help="where gpushare writes the CDI spec of the device names it hands out with"
+        " deviceListStrategy cdi-annotations/cdi-cri (k8s.device-plugin.nvidia.com-gpu.yaml,"
+        " removed on stop); must be the host's CDI directory"
+        f" (default: ${CDI_SPEC_DIR_ENV}, else {DEFAULT_SPEC_DIR})",
+    )
     add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
@@ -96,6 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
             env=env,
             overrides=overrides_from_args(args),
             mps_control=args.mps_control,
+            cdi_spec_dir=args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR),
         )
         return daemon.run_forever()
     except (SharingError, OSError) as err:

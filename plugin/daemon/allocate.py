@@ -61,12 +61,19 @@ class ContainerAllocation:
 
 def existing_control_nodes(dev_root: str) -> tuple[str, ...]:
     """The control device nodes (nvidiactl, nvidia-uvm, …) that exist under `dev_root`."""
-    return tuple(p for p in CONTROL_DEVICE_NODES if os.path.exists(_host_path(dev_root, p)))
+    return tuple(p for p in CONTROL_DEVICE_NODES if os.path.exists(host_path(dev_root, p)))
 
 
-def _host_path(dev_root: str, path: str) -> str:
-    """The host path of a device node under the driver's device root."""
+def host_path(dev_root: str, path: str) -> str:
+    """The host path of a device node (`/dev/nvidia0`) under the driver's device root."""
     return posixpath.join(dev_root or "/", path.lstrip("/"))
+
+
+def runtime_id(device: VirtualDevice, options: ServeOptions) -> str:
+    """The ID handed to the container runtime (and named in CDI) under the deviceIDStrategy."""
+    if options.device_id_strategy == "index":
+        return device.index_id
+    return device.physical_id
 
 
 def mps_container_pipe_dir(resource_name: str) -> str:
@@ -90,7 +97,7 @@ class ResourceAllocator:
         self._strategies = frozenset(options.device_list_strategy)
         self._response_id = response_id
         self._control_specs = tuple(
-            DeviceNodeSpec(p, _host_path(options.nvidia_dev_root, p)) for p in control_nodes
+            DeviceNodeSpec(p, host_path(options.nvidia_dev_root, p)) for p in control_nodes
         )
         self._mps_envs: dict[str, str] = {}
         self._mps_mounts: tuple[MountSpec, ...] = ()
@@ -117,7 +124,8 @@ class ResourceAllocator:
         """
         validate_allocate(self.resource, ids)
         devices = self._physical_devices(ids)
-        envs, mounts, annotations, cdi = self._device_list([self._runtime_id(d) for d in devices])
+        ids_out = [runtime_id(d, self.options) for d in devices]
+        envs, mounts, annotations, cdi = self._device_list(ids_out)
         if self.resource.mps is not None:
             envs.update(self._mps_envs)
             envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = self._pinned_limits(devices)
@@ -163,12 +171,6 @@ class ResourceAllocator:
                 seen.setdefault(device.physical_id, device)
         return list(seen.values())
 
-    def _runtime_id(self, device: VirtualDevice) -> str:
-        """The ID handed to the container runtime under the deviceIDStrategy."""
-        if self.options.device_id_strategy == "index":
-            return device.index_id
-        return device.physical_id
-
     def _device_specs(self, devices: Sequence[VirtualDevice]) -> tuple[DeviceNodeSpec, ...]:
         """Control nodes plus each device's own nodes, when passDeviceSpecs is on."""
         if not self.options.pass_device_specs:
@@ -176,7 +178,7 @@ class ResourceAllocator:
         specs = dict.fromkeys(self._control_specs)
         for device in devices:
             for path in device.dev_paths:
-                host = _host_path(self.options.nvidia_dev_root, path)
+                host = host_path(self.options.nvidia_dev_root, path)
                 specs.setdefault(DeviceNodeSpec(path, host))
         return tuple(specs)
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
+from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
 from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.daemon.kubelet import KubeletLink
 from plugin.daemon.server import PluginServer, create_server
@@ -63,6 +64,8 @@ class Daemon:
         config_poll_s: float = 0.2,
         kubelet_poll_s: float = 0.05,
         mps_control: str | Sequence[str] | None = None,
+        cdi_spec_dir: Path | None = None,
+        cdi_toolkit_dirs: Sequence[Path] | None = None,
     ) -> None:
         self.config_path = config_path
         self.kubelet_dir = Path(kubelet_dir)
@@ -92,6 +95,13 @@ class Daemon:
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
+        # Without a spec directory no CDI spec is written (CDI names then resolve only if
+        # something else defines them); `gpushare run` always passes one.
+        self.cdi = (
+            CdiSpecs(spec_dir=cdi_spec_dir, toolkit_dirs=cdi_toolkit_dirs, env=self._env,
+                     generator=lambda config: generator_argv(nvml_lib, config))
+            if cdi_spec_dir is not None else None
+        )
         self.link = KubeletLink(
             self.kubelet_dir,
             sockets=self.socket_names,
@@ -163,7 +173,8 @@ class Daemon:
                 raise
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
-            self._apply(*self._build(config), config=config, seq=0)
+            plan, inventory = self._build(config)
+            self._apply(plan, inventory, config=config, seq=0, cdi=self._cdi_for(plan, config))
             monitor = self._add_health_monitor(config)
             if monitor is not None:
                 self._add_mps_supervisor(monitor)
@@ -191,6 +202,8 @@ class Daemon:
             servers, self._servers = list(self._servers.values()), {}
         for server in servers:
             server.stop()
+        if self.cdi is not None:
+            self.cdi.remove()
         self.state.close()
         self._exit.close()
 
@@ -245,7 +258,7 @@ class Daemon:
             self.reload_failures += 1
             log.error("reload of %s failed: %s", source, err)
             return False
-        self._apply(plan, inventory, config=config, seq=seq)
+        self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config))
         return True
 
     def restart_servers(self, names: Sequence[str]) -> None:
@@ -289,10 +302,18 @@ class Daemon:
         inventory = read_inventory(self.nvml)
         return build_plan_from(inventory, config, self.config_path), inventory
 
-    def _apply(self, plan: Plan, inventory: Inventory, *, config: Config, seq: int) -> None:
-        """Serve `plan`: stop vanished resources, push changed lists, serve and register new.
+    def _cdi_for(self, plan: Plan, config: Config) -> CdiUpdate | None:
+        """The CDI spec that goes with `plan` (may run nvidia-ctk: never under the lock)."""
+        return self.cdi.prepare(plan, config) if self.cdi is not None else None
+
+    def _apply(
+        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None
+    ) -> None:
+        """Serve `plan`: CDI spec first, then stop vanished resources, push changed lists,
+        serve and register new ones.
 
         Nothing happens once stop() began, or when a later reload (`seq`) applied already.
+        At start (seq 0) a CDI spec that cannot be written fails the start; later it is logged.
         """
         with self._lock:
             if self._stopping:
@@ -301,6 +322,8 @@ class Daemon:
             if seq < self._applied_seq:
                 log.info("reload superseded by a later one: not applied")
                 return
+            if self.cdi is not None and cdi is not None:
+                self.cdi.commit(cdi, strict=seq == 0)
             self._applied_seq = seq
             self.config = config
             diff = self.state.plan.diff(plan)
