@@ -85,6 +85,12 @@ INVALID = [
         id="unknown deviceListStrategy",
     ),
     pytest.param(
+        "version: v1\nflags:\n  plugin:\n    cdiKind: example.com/gpu\n",
+        "config.yaml: flags.plugin.cdiKind: must be one of 'k8s.device-plugin.nvidia.com/gpu' "
+        "or 'nvidia.com/gpu', got \"example.com/gpu\"",
+        id="unknown cdiKind",
+    ),
+    pytest.param(
         "version: v1\nflags:\n  plugin:\n    sharedDevicesAllocationPolicy: spread\n",
         "config.yaml: flags.plugin.sharedDevicesAllocationPolicy: must be one of 'distributed' "
         "or 'packed', got \"spread\"",
@@ -424,6 +430,8 @@ def test_env_names_from_the_nvidia_plugin() -> None:
         "DEVICE_ID_STRATEGY": "index",
         "CDI_ANNOTATION_PREFIX": "example.com/",
         "SHARED_DEVICES_ALLOCATION_POLICY": "packed",
+        "CDI_KIND": "nvidia.com/gpu",
+        "NVIDIA_CTK_PATH": "/usr/local/bin/nvidia-ctk",
         "UNRELATED": "x",
     }
     flags = apply_overrides(default_config(), env, {}).flags
@@ -434,6 +442,8 @@ def test_env_names_from_the_nvidia_plugin() -> None:
     assert flags.plugin.device_id_strategy == "index"
     assert flags.plugin.cdi_annotation_prefix == "example.com/"
     assert flags.plugin.shared_devices_allocation_policy == "packed"
+    assert flags.plugin.cdi_kind == "nvidia.com/gpu"
+    assert flags.plugin.nvidia_ctk_path == "/usr/local/bin/nvidia-ctk"
 
 
 @pytest.mark.parametrize(

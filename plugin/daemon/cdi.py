@@ -319,8 +319,9 @@ class CdiSpecs:
         return spec
 
     def _note_fallback(self, reason: str) -> None:
-        """One log line per distinct reason: what fell back, and where the libraries come from."""
-        if reason == self._fallback_reason:
+        """One log line until the generator works again: what fell back, and why."""
+        if self._fallback_reason is not None:
+            log.debug("CDI: still no container edits from nvidia-ctk (%s)", reason)
             return
         self._fallback_reason = reason
         log.warning("CDI: no container edits from nvidia-ctk (%s): %s lists each device's nodes "

@@ -209,6 +209,7 @@ def main(argv: list[str]) -> int:
     else:
         text = "---\n" + yaml.safe_dump(spec, sort_keys=False)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text, encoding="utf-8")
         _log("info", f"Generated CDI spec with version {spec['cdiVersion']}")
     else:
