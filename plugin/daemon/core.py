@@ -95,9 +95,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop_requested = False
         self._reload_requested = False
-        # Without a spec directory no CDI spec is written (CDI names then resolve only if
-        # something else defines them); `gpushare run` always passes one.
-        self.cdi = (
+        self.cdi = (  # None: no CDI spec is written (`gpushare run` always gives a directory)
             CdiSpecs(spec_dir=cdi_spec_dir, toolkit_dirs=cdi_toolkit_dirs, env=self._env,
                      generator=lambda config: generator_argv(nvml_lib, config))
             if cdi_spec_dir is not None else None
