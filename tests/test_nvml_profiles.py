@@ -18,7 +18,7 @@ P = pynvml
         pytest.param(19968, 40960, 20, id="A100-40GB 3g"),
         pytest.param(40192, 40960, 40, id="A100-40GB 7g"),
         pytest.param(9984, 81559, 10, id="H100 1g (total not a multiple of 1024)"),
-        pytest.param(71680, 143771, 71, id="H200 3g rounds 70.5 up"),
+        pytest.param(71424, 143771, 71, id="H200 3g rounds 70.5 up"),
         pytest.param(11904, 24576, 12, id="A30 2g"),
     ],
 )

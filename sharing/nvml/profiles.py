@@ -101,6 +101,9 @@ class CardModel:
     profiles: tuple[MigProfile, ...] = ()
     ecc: bool = True
     nvlink_links: int = 0  # NVLink links per GPU (0: none)
+    # nvmlDeviceGetSupportedEventTypes as read on the real card; None where no reading exists
+    # (the simulator then derives the mask from ECC and MIG capability).
+    supported_event_types: int | None = None
 
     @property
     def mig_capable(self) -> bool:
@@ -168,6 +171,10 @@ _A100_SMS = (14, 14, 14, 28, 42, 56, 98)
 _H100_SMS = (16, 16, 26, 32, 60, 64, 132)
 _A100_80_MIB = (9728, 9728, 19968, 19968, 39936, 39936, 80896)
 _H100_MIB = (9984, 9984, 19968, 19968, 40192, 40192, 80384)
+# Read from a real H200 (driver 580.159.04, MIG mode off; facts §6.3): memorySizeMB per profile
+# in table order (1_SLICE, +me, REV2, 2_SLICE, 3_SLICE, 4_SLICE, 7_SLICE), and the event mask.
+_H200_MIB = (16384, 16384, 33280, 33280, 71424, 71424, 143360)
+H200_SUPPORTED_EVENT_TYPES = 0xFF9F
 
 CARDS: dict[str, CardModel] = {
     card.key: card
@@ -191,8 +198,9 @@ CARDS: dict[str, CardModel] = {
                     (11008, 11008, 22784, 22784, 46848, 46848, 93952), _H100_SMS,
                     compute_capability=(9, 0), arch="hopper", nvlink_links=18),
         _eight_slot("H200-SXM-141GB", "NVIDIA H200", 0x233510DE, 143771,
-                    (17920, 17920, 35840, 35840, 71680, 71680, 142848), _H100_SMS,
-                    compute_capability=(9, 0), arch="hopper", nvlink_links=18),
+                    _H200_MIB, _H100_SMS,
+                    compute_capability=(9, 0), arch="hopper", nvlink_links=18,
+                    supported_event_types=H200_SUPPORTED_EVENT_TYPES),
         CardModel("A30", "NVIDIA A30", 0x20B710DE, 24576, (8, 0), "ampere", mig_slots=4,
                   profiles=_profiles(_A30_SHAPES, 24576, (5952, 5952, 11904, 11904, 24192),
                                      (14, 14, 28, 28, 56)),

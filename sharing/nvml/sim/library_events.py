@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pynvml
 
+from sharing.nvml.profiles import CardModel
 from sharing.nvml.sim import handles
 from sharing.nvml.sim.base import SimBase
 from sharing.nvml.sim.engine import fail
@@ -30,18 +31,20 @@ class _EventSet:
 class SimEvents(SimBase):
     """Event part of the simulated NVML."""
 
-    def _supported_events(self, card_ecc: bool, mig: bool) -> int:
+    def _supported_events(self, card: CardModel) -> int:
+        """The card's mask as read on real hardware; else XID, ECC and MIG change by capability."""
+        if card.supported_event_types is not None:
+            return card.supported_event_types
         supported = pynvml.nvmlEventTypeXidCriticalError
-        if card_ecc:
+        if card.ecc:
             supported |= _ECC
-        if mig:
+        if card.mig_capable:
             supported |= pynvml.nvmlEventMigConfigChange
         return supported
 
     def nvmlDeviceGetSupportedEventTypes(self, handle: object) -> int:
         """Bit mask of the event types a GPU can report."""
-        t = self._gpu_only(handle)
-        return self._supported_events(t.card.ecc, t.card.mig_capable)
+        return self._supported_events(self._gpu_only(handle).card)
 
     def nvmlEventSetCreate(self) -> object:
         """A new, empty event set that will see events from now on."""
@@ -62,7 +65,7 @@ class SimEvents(SimBase):
         """Register event types of one GPU (NOT_SUPPORTED for a type it cannot report)."""
         t = self._gpu_only(handle)
         event_set = self._event_set(eventSet)
-        if eventTypes & ~self._supported_events(t.card.ecc, t.card.mig_capable):
+        if eventTypes & ~self._supported_events(t.card):
             fail(pynvml.NVML_ERROR_NOT_SUPPORTED)
         event_set.masks[t.index] = event_set.masks.get(t.index, 0) | eventTypes
 
