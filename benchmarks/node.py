@@ -47,7 +47,9 @@ class DaemonUnderTest:
             "--config", str(self.config_path),
             "--kubelet-dir", str(self.kubelet_dir),
         ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # The checkout first, whatever PYTHONPATH held after it (the dependencies may live there).
+        kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *kept])}
         log = self.log_path.open("ab")
         started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +13,7 @@ import grpc
 import pytest
 
 from plugin.daemon.core import Daemon
+from tests.checkout import checkout_env, gpushare_argv
 from tests.fakes.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,10 +203,10 @@ def test_sigterm_stops_cleanly_and_removes_sockets(
     config = tmp_path / "config.yaml"
     config.write_text(TIME_SLICING_X4)
     process = subprocess.Popen(
-        [sys.executable, "-m", "plugin.cli", "run", "--config", str(config),
-         "--node", str(sim_node), "--kubelet-dir", str(kubelet_dir)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        gpushare_argv("run", "--config", str(config), "--node", str(sim_node),
+                      "--kubelet-dir", str(kubelet_dir)),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=checkout_env(),
     )
     try:
         kubelet.wait_for(

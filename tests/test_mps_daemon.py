@@ -12,7 +12,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from sharing.mps import MpsPaths
 from sharing.nvml import Nvml, load_library, read_inventory
 from sharing.plan import build_plan
 from sharing.plan_types import MpsSpec, Plan, ResourcePlan, ServeOptions
+from tests.checkout import checkout_env, gpushare_argv
 from tests.fakes.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,10 +188,10 @@ def test_sigterm_of_gpushare_run_quits_the_mps_daemon(
     config = tmp_path / "config.yaml"
     config.write_text(COMPAT_MPS.read_text())
     process = subprocess.Popen(
-        [sys.executable, "-m", "plugin.cli", "run", "--config", str(config), "--node",
-         str(sim_node), "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        gpushare_argv("run", "--config", str(config), "--node", str(sim_node),
+                      "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root)),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=checkout_env(),
     )
     pid_file = MpsPaths(str(mps_root)).pipe_dir("nvidia.com/gpu") + "/nvidia-cuda-mps-control.pid"
     try:

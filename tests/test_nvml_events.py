@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import pynvml
@@ -11,6 +10,7 @@ import pytest
 
 from sharing.nvml import XidEvent
 from sharing.nvml.sim import inject_event, inject_xid, lose_gpu
+from tests.checkout import checkout_env, gpushare_argv, python_argv
 
 INJECT_AND_PRINT_TIME = """
 import sys, time
@@ -110,7 +110,8 @@ def test_event_from_another_process_arrives_within_100_ms(sim_nvml) -> None:
     nvml, state = sim_nvml("dgx-a100")
     with nvml.event_watcher(range(8)) as watcher:
         child = subprocess.Popen(
-            [sys.executable, "-c", INJECT_AND_PRINT_TIME, str(state)],
+            python_argv(INJECT_AND_PRINT_TIME, str(state)),
+            env=checkout_env(),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -126,9 +127,10 @@ def test_event_from_another_process_arrives_within_100_ms(sim_nvml) -> None:
 def test_cli_injection_reaches_a_waiting_watcher(sim_nvml) -> None:
     nvml, state = sim_nvml("mixed")
     with nvml.event_watcher([1]) as watcher:
-        argv = [sys.executable, "-m", "plugin.cli", "sim", "inject-xid", "--node", str(state),
-                "--gpu", "1", "--mig", "2:0", "--xid", "63"]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        argv = gpushare_argv("sim", "inject-xid", "--node", str(state),
+                             "--gpu", "1", "--mig", "2:0", "--xid", "63")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                              env=checkout_env(), cwd=state)
         assert done.returncode == 0, done.stderr
         event = watcher.wait(1000)
     assert event is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from sharing.nvml.sim import (
     stop_process,
 )
 from sharing.nvml.sim.state import StateStore
+from tests.checkout import checkout_env, python_argv
 
 GPU_L4 = '  - {model: L4, bus_id: "00000000:01:00.0"}\n'
 GPU_A100 = '  - {model: A100-SXM4-40GB, bus_id: "00000000:07:00.0"'
@@ -155,7 +155,8 @@ for _ in range(int(sys.argv[2])):
 def test_concurrent_writers_lose_no_update(sim_state) -> None:
     state = sim_state("dgx-a100")
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(state), "25", str(gpu)])
+        subprocess.Popen(python_argv(WRITER, str(state), "25", str(gpu)),
+                         env=checkout_env(), cwd=state)
         for gpu in range(4)
     ]
     assert [w.wait(timeout=60) for w in writers] == [0, 0, 0, 0]
