@@ -1,9 +1,11 @@
 """One `nvidia-cuda-mps-control` daemon for one MPS resource (facts §4).
 
 start(): check the paths stay under mpsRoot, prepare the directories, put the resource's GPUs
-in EXCLUSIVE_PROCESS compute mode through NVML, run `<control> -f` as our child with
-CUDA_MPS_PIPE_DIRECTORY, CUDA_MPS_LOG_DIRECTORY and CUDA_VISIBLE_DEVICES (only this resource's
-GPUs), wait until it answers, then set the default limits through the control client.
+in EXCLUSIVE_PROCESS compute mode through NVML (compute mode policy `manage`; with `leave` the
+modes are only read and logged, for nodes where the operator owns them), run `<control> -f` as
+our child with CUDA_MPS_PIPE_DIRECTORY, CUDA_MPS_LOG_DIRECTORY and CUDA_VISIBLE_DEVICES (only
+this resource's GPUs), wait until it answers, then set the default limits through the control
+client.
 probe(): `get_default_active_thread_percentage` must answer the planned value.
 stop(): `quit`, wait, then SIGTERM / SIGKILL; compute modes we changed are restored.
 """
@@ -38,6 +40,11 @@ PIPE_DIR_MODE = 0o755
 LOG_DIR_MODE = 0o700
 SHM_DIR_MODE = 0o1777
 RESOURCE_DIR_MODE = 0o755
+# Who owns the GPUs' compute mode: gpushare (`manage`: EXCLUSIVE_PROCESS while the daemon runs,
+# the old mode restored on stop) or the operator (`leave`: never changed).
+MANAGE_COMPUTE_MODE = "manage"
+LEAVE_COMPUTE_MODE = "leave"
+COMPUTE_MODE_POLICIES = (MANAGE_COMPUTE_MODE, LEAVE_COMPUTE_MODE)
 
 
 class MpsDaemonError(SharingError):
@@ -82,12 +89,16 @@ class MpsControlDaemon:
         nvml: Any = None,
         env: Mapping[str, str] | None = None,
         runner: CommandRunner | None = None,
+        compute_mode: str = MANAGE_COMPUTE_MODE,
         ready_timeout_s: float = 5.0,
         command_timeout_s: float = 5.0,
         stop_timeout_s: float = 2.0,
     ) -> None:
+        if compute_mode not in COMPUTE_MODE_POLICIES:
+            raise ValueError(f"compute mode policy must be manage or leave, got {compute_mode!r}")
         self.spec = spec
         self.mps_root = mps_root
+        self.compute_mode_policy = compute_mode
         control = [control_binary] if isinstance(control_binary, str) else list(control_binary)
         self._control = control
         self._nvml = nvml
@@ -288,6 +299,9 @@ class MpsControlDaemon:
             return
         from sharing.nvml import compute_mode, set_compute_mode
 
+        if self.compute_mode_policy == LEAVE_COMPUTE_MODE:
+            self._log_modes_left(compute_mode)
+            return
         for index in self.spec.gpu_indices:
             try:
                 mode = compute_mode(self._nvml, index)
@@ -298,6 +312,17 @@ class MpsControlDaemon:
                 raise MpsDaemonError(
                     f"setting GPU {index} to EXCLUSIVE_PROCESS compute mode: {err}"
                 ) from err
+
+    def _log_modes_left(self, read: Any) -> None:
+        """Compute mode `leave`: say what each GPU's mode is; nothing is changed."""
+        found = []
+        for index in self.spec.gpu_indices:
+            try:
+                found.append(f"GPU {index} {read(self._nvml, index).name}")
+            except NvmlError as err:
+                found.append(f"GPU {index} unknown ({err})")
+        log.info("%s: compute mode left as it is (policy leave): %s", self.spec.resource,
+                 ", ".join(found))
 
     def _restore_compute_modes(self) -> None:
         if self._nvml is None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mps_daemon.control import MpsControlDaemon, MpsDaemonError
+from mps_daemon.control import MANAGE_COMPUTE_MODE, MpsControlDaemon, MpsDaemonError
 from mps_daemon.runner import CommandRunner
 from sharing.plan_types import MpsSpec, Plan
 
@@ -61,6 +61,7 @@ class MpsSupervisor:
         nvml: Any = None,
         env: Mapping[str, str] | None = None,
         runner: CommandRunner | None = None,
+        compute_mode: str = MANAGE_COMPUTE_MODE,
         tick_s: float = TICK_S,
         probe_interval_s: float = PROBE_INTERVAL_S,
         backoff_s: float = BACKOFF_S,
@@ -69,6 +70,7 @@ class MpsSupervisor:
         self._control = control_binary
         self._down, self._up = down, up
         self._nvml, self._env, self._runner = nvml, dict(env or {}), runner
+        self._compute_mode = compute_mode
         self._tick_s, self._probe_s = tick_s, probe_interval_s
         self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s
         self._entries: dict[str, _Entry] = {}
@@ -164,7 +166,7 @@ class MpsSupervisor:
     def _new_daemon(self, spec: MpsSpec, root: str) -> MpsControlDaemon:
         return MpsControlDaemon(
             spec, control_binary=self._control, mps_root=root, nvml=self._nvml, env=self._env,
-            runner=self._runner,
+            runner=self._runner, compute_mode=self._compute_mode,
         )
 
     def _check_all(self, now: float) -> None:

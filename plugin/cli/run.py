@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from mps_daemon import COMPUTE_MODE_POLICIES, MANAGE_COMPUTE_MODE
 from plugin.api import DEFAULT_KUBELET_DIR
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
 from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
-from sharing.errors import SharingError
+from sharing.errors import ConfigError, SharingError
 
 EXIT_ERROR = 1
+MPS_COMPUTE_MODE_ENV = "MPS_COMPUTE_MODE"
 
 
 RUN_DESCRIPTION = """\
@@ -68,6 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " removed on stop); must be the host's CDI directory"
         f" (default: ${CDI_SPEC_DIR_ENV}, else {DEFAULT_SPEC_DIR})",
     )
+    run.add_argument(
+        "--mps-compute-mode",
+        choices=COMPUTE_MODE_POLICIES,
+        default=None,
+        help="manage (default): put each MPS resource's GPUs in EXCLUSIVE_PROCESS compute mode"
+        " while its control daemon runs and restore the old mode on stop; leave: never change"
+        " compute modes, for nodes where the operator sets them (and shared test GPUs)"
+        f" [env {MPS_COMPUTE_MODE_ENV}]",
+    )
     add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
@@ -107,11 +119,28 @@ def run_command(args: argparse.Namespace) -> int:
             overrides=overrides_from_args(args),
             mps_control=args.mps_control,
             cdi_spec_dir=args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR),
+            mps_compute_mode=mps_compute_mode(args.mps_compute_mode, env),
         )
         return daemon.run_forever()
     except (SharingError, OSError) as err:
         print(f"gpushare run: {err}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def mps_compute_mode(flag: str | None, env: Mapping[str, str]) -> str:
+    """--mps-compute-mode, else $MPS_COMPUTE_MODE, else manage.
+
+    Raises:
+        ConfigError: the environment variable holds another value.
+    """
+    if flag:
+        return flag
+    value = env.get(MPS_COMPUTE_MODE_ENV, "").strip()
+    if not value:
+        return MANAGE_COMPUTE_MODE
+    if value not in COMPUTE_MODE_POLICIES:
+        raise ConfigError(f"{MPS_COMPUTE_MODE_ENV}: must be manage or leave, got {value[:64]!r}")
+    return value
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+from mps_daemon import MANAGE_COMPUTE_MODE
 from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
@@ -66,6 +67,7 @@ class Daemon:
         mps_control: str | Sequence[str] | None = None,
         cdi_spec_dir: Path | None = None,
         cdi_toolkit_dirs: Sequence[Path] | None = None,
+        mps_compute_mode: str = MANAGE_COMPUTE_MODE,
     ) -> None:
         self.config_path = config_path
         self.kubelet_dir = Path(kubelet_dir)
@@ -78,6 +80,7 @@ class Daemon:
         self._env = dict(env)
         self._overrides = dict(overrides)
         self._mps_control = mps_control
+        self._mps_compute_mode = mps_compute_mode
         self.mps_supervisor: Any = None
         self._servers: dict[str, PluginServer] = {}
         self._restart_errors: dict[str, str] = {}  # resource -> last restart error logged
@@ -371,7 +374,9 @@ class Daemon:
         from plugin.daemon.mps_wiring import add_mps_supervisor, mps_control_for
 
         control = mps_control_for(self._nvml_lib, self._mps_control, self._env)
-        self.mps_supervisor = add_mps_supervisor(self, monitor, control=control, env=self._env)
+        self.mps_supervisor = add_mps_supervisor(
+            self, monitor, control=control, env=self._env, compute_mode=self._mps_compute_mode
+        )
         self.mps_supervisor.start()  # daemons answer before the kubelet hears of the resources
 
     def _serve(self, plan: Plan, name: str) -> None:

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from mps_daemon import MpsSupervisor, standin_argv
+from mps_daemon import MANAGE_COMPUTE_MODE, MpsSupervisor, standin_argv
 from sharing.plan_types import Plan
 
 CONTROL_PROGRAM = "nvidia-cuda-mps-control"
@@ -58,11 +58,17 @@ def mps_control_for(
 
 
 def add_mps_supervisor(
-    daemon: MpsHost, health: MpsHealth, *, control: str | Sequence[str], env: Mapping[str, str],
+    daemon: MpsHost,
+    health: MpsHealth,
+    *,
+    control: str | Sequence[str],
+    env: Mapping[str, str],
+    compute_mode: str = MANAGE_COMPUTE_MODE,
 ) -> MpsSupervisor:
     """Create the supervisor for the daemon's current Plan and have it follow every new one."""
     supervisor = MpsSupervisor(
         control_binary=control, down=health.mps_down, up=health.mps_up, nvml=daemon.nvml, env=env,
+        compute_mode=compute_mode,
     )
     supervisor.update(daemon.plan)
     daemon.add_plan_listener(supervisor.update)
