@@ -89,6 +89,7 @@ def card_answers(nvml: Nvml, gpu_index: int) -> dict[str, Any]:
 def one_gpu_node(card: CardModel, state_dir: Path, *, recovery_action_field: bool = True) -> Path:
     """A simulated node with one GPU of `card` (a node file and its state directory)."""
     node = state_dir.with_suffix(".yaml")
+    node.parent.mkdir(parents=True, exist_ok=True)
     node.write_text(
         "name: one-card\n"
         f"recovery_action_field: {str(recovery_action_field).lower()}\n"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from sharing.devices import Inventory
-from sharing.nvml import Nvml, read_inventory
+from sharing.errors import NvmlUnavailable
+from sharing.nvml import Nvml, nvml_session, read_inventory
 from sharing.nvml.sim import SimNvml, create_state
 from tests.fakes.kubelet import FakeKubelet
 from tests.fakes.sockets import short_dir
@@ -81,3 +82,15 @@ def inventory_of(sim_nvml: Callable[..., tuple[Nvml, Path]]) -> Callable[..., In
         return read_inventory(nvml)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def real_nvml() -> Iterator[Nvml]:
+    """The adapter over the real pynvml (`gpu` tests); skips when NVML cannot be initialised."""
+    import pynvml
+
+    try:
+        with nvml_session(pynvml) as nvml:
+            yield nvml
+    except NvmlUnavailable as err:
+        pytest.skip(f"no NVIDIA GPU/driver: {err}")

@@ -1,50 +1,26 @@
-"""read_inventory against the real pynvml, checked against nvidia-smi (tests marked `gpu`).
+"""The real pynvml against nvidia-smi and against the simulator's card model (tests marked `gpu`).
 
-The same invariants also run on every simulated node, so the simulator and real NVML answer the
-adapter alike. Everything here only reads: MIG mode and compute mode are never changed.
+read_inventory is checked against nvidia-smi, and the invariants it checks also run on every
+simulated node. Every answer gpushare reads of a card (tests/card_answers.py: name, memory, compute
+capability, MIG profiles with MIG mode off, event types, recovery action) is compared with what
+the simulator's model of the same card (found by PCI device id) answers, so a simulated node is
+only as different from the hardware as a test here shows. Everything here only reads: MIG mode
+and compute mode are never changed.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-import pynvml
 import pytest
 
 from sharing.devices import Inventory
-from sharing.errors import NvmlUnavailable
-from sharing.nvml import Nvml, nvml_session, read_inventory, shipped_nodes
-
-QUERY = "index,uuid,name,memory.total,pci.bus_id"
-
-
-def nvidia_smi_gpus() -> list[dict[str, str]]:
-    """One dict per GPU from `nvidia-smi --query-gpu`; skips the test without a driver."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        pytest.skip("no NVIDIA GPU/driver: nvidia-smi not found")
-    argv = [exe, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"no NVIDIA GPU/driver: nvidia-smi failed: {done.stderr.strip()}")
-    keys = QUERY.split(",")
-    return [
-        dict(zip(keys, (field.strip() for field in line.split(",")), strict=True))
-        for line in done.stdout.splitlines()
-        if line.strip()
-    ]
-
-
-@pytest.fixture(scope="module")
-def real_nvml() -> Iterator[Nvml]:
-    """The adapter over the real pynvml; skips when NVML cannot be initialised."""
-    try:
-        with nvml_session(pynvml) as nvml:
-            yield nvml
-    except NvmlUnavailable as err:
-        pytest.skip(f"no NVIDIA GPU/driver: {err}")
+from sharing.nvml import Nvml, read_inventory, shipped_nodes
+from sharing.nvml.profiles import CardModel, card_by_pci_id
+from sharing.nvml.sim import SimNvml
+from tests.card_answers import card_answers, one_gpu_node, placements_answer
+from tests.gpu_node import nvidia_smi_gpus
 
 
 def assert_consistent(inventory: Inventory) -> None:
@@ -104,3 +80,87 @@ def test_real_gpus_answer_probes_and_events(real_nvml: Nvml) -> None:
         assert sorted([*watcher.gpu_indices, *watcher.failed]) == indices
         event = watcher.wait(10)
     assert event is None or event.gpu_index in indices
+
+
+def _simulated(card: CardModel, state_dir: Path, *, recovery_action_field: bool) -> Nvml:
+    nvml = Nvml(SimNvml(one_gpu_node(card, state_dir,
+                                     recovery_action_field=recovery_action_field)))
+    nvml.init()
+    return nvml
+
+
+def _modelled_gpus(real_nvml: Nvml) -> list[tuple[int, CardModel]]:
+    """(index, card model) of each real GPU the simulator models; skips when it models none."""
+    found, unknown = [], []
+    for index in range(real_nvml.device_count()):
+        pci = real_nvml.call("nvmlDeviceGetPciInfo", real_nvml.handle(index))
+        card = card_by_pci_id(int(pci.pciDeviceId))
+        if card is None:
+            name = real_nvml.call("nvmlDeviceGetName", real_nvml.handle(index))
+            unknown.append(f"GPU {index} {name} (PCI id 0x{int(pci.pciDeviceId):08X})")
+        else:
+            found.append((index, card))
+    if not found:
+        pytest.skip(f"the simulator has no card model for {', '.join(unknown)}")
+    return found
+
+
+def _differences(real: dict[str, Any], simulated: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in real:
+        if key == "gpu_instance_profiles":
+            lines += [f"  profile index {i}: card {real[key][i]!r}, simulator {simulated[key][i]!r}"
+                      for i in real[key] if real[key][i] != simulated[key][i]]
+        elif real[key] != simulated[key]:
+            lines.append(f"  {key}: card {real[key]!r}, simulator {simulated[key]!r}")
+    return lines
+
+
+@pytest.mark.gpu
+def test_simulated_card_model_answers_like_the_real_card(real_nvml: Nvml, tmp_path: Path) -> None:
+    """Every card answer gpushare reads is the same on the card and on its simulated model.
+
+    The recovery-action field is the driver's, not the card's: the simulated node is given a
+    driver with the field exactly when the real driver has it, and then both must answer.
+    """
+    nvidia_smi_gpus()
+    report = []
+    for index, card in _modelled_gpus(real_nvml):
+        real = card_answers(real_nvml, index)
+        sim = _simulated(card, tmp_path / f"gpu{index}",
+                         recovery_action_field=real["recovery_action"] is not None)
+        try:
+            lines = _differences(real, card_answers(sim, 0))
+        finally:
+            sim.shutdown()
+        if lines:
+            report.append(f"GPU {index} ({card.key}; sharing/nvml/profiles.py):\n"
+                          + "\n".join(lines))
+    assert not report, "the simulator's card model differs from the card:\n" + "\n".join(report)
+
+
+@pytest.mark.gpu
+def test_simulated_placements_match_the_real_card(real_nvml: Nvml, tmp_path: Path) -> None:
+    """Allowed GI starts of every profile, where the card answers them in its present MIG mode."""
+    nvidia_smi_gpus()
+    compared, refused, report = 0, [], []
+    for index, card in _modelled_gpus(real_nvml):
+        if not card.mig_capable:
+            continue
+        sim = _simulated(card, tmp_path / f"gpu{index}", recovery_action_field=True)
+        try:
+            for profile in card.profiles:
+                real = placements_answer(real_nvml, real_nvml.handle(index), profile.id)
+                if isinstance(real, str):
+                    refused.append(f"GPU {index} profile {profile.name}: {real}")
+                    continue
+                compared += 1
+                simulated = placements_answer(sim, sim.handle(0), profile.id)
+                if real != simulated:
+                    report.append(f"GPU {index} {profile.name}: card {real}, simulator {simulated}")
+        finally:
+            sim.shutdown()
+    if not compared:
+        reason = "; ".join(refused[:3]) or "no MIG-capable GPU the simulator models"
+        pytest.skip(f"no GI placements answered by the card to compare: {reason}")
+    assert not report, "\n".join(report)
