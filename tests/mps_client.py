@@ -1,10 +1,11 @@
 """An MPS client's environment from an Allocate response, as a container would see it.
 
-In a container the runtime exposes only the allocated GPUs (NVIDIA_VISIBLE_DEVICES) and bind-
-mounts the response's mounts. A client started on the host gets the same view: the response's
-environment with every value that is a container path under a mount replaced by the mount's host
-path, and NVIDIA_VISIBLE_DEVICES given to CUDA as CUDA_VISIBLE_DEVICES. Used by the `gpu` tests
-with the real CUDA driver, and checked without a GPU against the simulated node.
+In a container the runtime bind-mounts the response's mounts. A client started on the host gets
+the same view: the response's MPS variables, each value that is a container path under a mount
+replaced by the mount's host path. CUDA_VISIBLE_DEVICES is not set: an MPS client sees the GPUs
+of its server (the control daemon's CUDA_VISIBLE_DEVICES, remapped from 0), and the MPS
+documentation asks that clients leave it unset. Used by the `gpu` tests with the real CUDA
+driver, and checked without a GPU against the simulated node.
 """
 
 from __future__ import annotations
@@ -47,13 +48,10 @@ def base_env() -> dict[str, str]:
 def client_env(
     response: pb.ContainerAllocateResponse, names: Iterable[str] = MPS_CLIENT_ENV
 ) -> dict[str, str]:
-    """base_env() plus the response's `names` (host paths) and its GPUs as CUDA_VISIBLE_DEVICES."""
+    """base_env() plus the response's variables `names`, container paths mapped to host paths."""
     env = base_env()
     for name in names:
         env[name] = host_path(response.envs[name], response.mounts)
-    visible = response.envs.get("NVIDIA_VISIBLE_DEVICES")
-    if visible:
-        env["CUDA_VISIBLE_DEVICES"] = visible
     return env
 
 
