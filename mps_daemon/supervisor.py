@@ -19,7 +19,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mps_daemon.control import MANAGE_COMPUTE_MODE, MpsControlDaemon, MpsDaemonError
+from mps_daemon.control import (
+    COMPUTE_MODE_POLICIES,
+    MANAGE_COMPUTE_MODE,
+    MpsControlDaemon,
+    MpsDaemonError,
+)
 from mps_daemon.runner import CommandRunner
 from sharing.plan_types import MpsSpec, Plan
 
@@ -70,6 +75,8 @@ class MpsSupervisor:
         self._control = control_binary
         self._down, self._up = down, up
         self._nvml, self._env, self._runner = nvml, dict(env or {}), runner
+        if compute_mode not in COMPUTE_MODE_POLICIES:
+            raise ValueError(f"compute mode policy must be manage or leave, got {compute_mode!r}")
         self._compute_mode = compute_mode
         self._tick_s, self._probe_s = tick_s, probe_interval_s
         self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s

@@ -15,6 +15,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from mps_daemon import MpsSupervisor
 from plugin.cli import build_parser
 from plugin.cli.run import mps_compute_mode
 from plugin.daemon.core import Daemon
@@ -137,6 +138,12 @@ def test_compute_mode_precedence(flag: str | None, env: dict[str, str], expected
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="MPS_COMPUTE_MODE: must be manage or leave, got 'off'"):
         mps_compute_mode(None, {"MPS_COMPUTE_MODE": "off"})
+
+
+def test_supervisor_refuses_an_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="must be manage or leave, got 'sometimes'"):
+        MpsSupervisor(control_binary="x", down=lambda *_: None, up=lambda _: None,
+                      compute_mode="sometimes")
 
 
 def test_bad_flag_value_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
