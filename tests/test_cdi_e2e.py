@@ -24,6 +24,7 @@ from plugin.daemon.cdi import STANDIN
 from plugin.daemon.cdi_spec import KIND_PLUGIN, KIND_TOOLKIT, CdiError
 from plugin.daemon.core import Daemon
 from sharing.plan_types import Plan, VirtualDevice
+from tests.checkout import checkout_env, gpushare_argv
 from tests.fakes.cdi_cache import CdiCache, device_nodes
 from tests.fakes.kubelet import FakeKubelet
 
@@ -355,15 +356,15 @@ def test_gpushare_run_writes_the_spec_and_removes_it_on_sigterm(
     sim_state: Callable[..., Path], how: str,
 ) -> None:
     """`gpushare run --cdi-spec-dir` (or $CDI_SPEC_DIR): the spec is there while it serves."""
-    argv = [sys.executable, "-m", "plugin.cli", "run", "--node", str(sim_state("dgx-a100")),
-            "--kubelet-dir", str(kubelet_dir), "--device-list-strategy", "cdi-cri"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = gpushare_argv("run", "--node", str(sim_state("dgx-a100")),
+                         "--kubelet-dir", str(kubelet_dir), "--device-list-strategy", "cdi-cri")
+    env = checkout_env()
     env.pop("CONFIG_FILE", None)
     if how == "flag":
         argv += ["--cdi-spec-dir", str(cdi_dir)]
     else:
         env["CDI_SPEC_DIR"] = str(cdi_dir)
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE,
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     try:
         kubelet.wait_for(
