@@ -84,4 +84,5 @@ class Helm:
         """The rendered documents of one scenario; AssertionError with helm's message on failure."""
         proc = self.template(values, sets)
         assert proc.returncode == 0, f"helm template failed:\n{proc.stderr}"
+        assert proc.stderr == "", f"helm template warned:\n{proc.stderr}"
         return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]

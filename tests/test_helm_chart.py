@@ -9,6 +9,7 @@ mps root, privileges, probes and the static manifest's freshness.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,7 @@ SCENARIOS = {
     "existing-configmap": ("existing-configmap.yaml", ()),
     "metrics-service-and-servicemonitor": (None, ("metrics.serviceMonitor.enabled=true",)),
     "exec-probes-without-metrics": (None, ("metrics.enabled=false", "probes.mode=exec")),
+    "config-as-text": (None, ("config.content=version: v1\nflags:\n  migStrategy: single\n",)),
 }
 
 
@@ -244,7 +246,7 @@ def test_node_critical_on_gpu_nodes_with_resources(rendered, name):
 # --- the config the container reads ---------------------------------------------------------
 
 
-def config_files(docs: list[dict], name: str) -> Iterator[tuple[str, str]]:
+def config_files(docs: list[dict]) -> Iterator[tuple[str, str]]:
     """(key, text) of the chart's ConfigMap; none for a scenario with an existing ConfigMap."""
     for config_map in kind(docs, "ConfigMap"):
         yield from config_map["data"].items()
@@ -276,6 +278,7 @@ def test_the_config_path_the_container_reads_is_the_mounted_config_map(rendered,
         ("default", "nvidia.com/gpu", 8, None),
         ("time-slicing", "nvidia.com/gpu.shared", 80, None),
         ("mps", "nvidia.com/gpu", 32, "/run/nvidia/mps"),
+        ("config-as-text", "nvidia.com/gpu", 8, None),
     ],
 )
 def test_the_mounted_config_with_the_container_args_plans_on_a_simulated_node(
@@ -283,7 +286,7 @@ def test_the_mounted_config_with_the_container_args_plans_on_a_simulated_node(
 ):
     """The ConfigMap written out as the kubelet mounts it, read with the container's args, env."""
     docs = rendered[name]
-    for key, text in config_files(docs, name):
+    for key, text in config_files(docs):
         (tmp_path / key).write_text(text)
     args = parsed_command(docs)
     mounted = tmp_path / Path(args.config).relative_to(CONFIG_MOUNT)
@@ -296,3 +299,142 @@ def test_the_mounted_config_with_the_container_args_plans_on_a_simulated_node(
     if mps_root is not None:
         assert by_name[resource].mps.pipe_dir.startswith(mps_root + "/")
     assert plan.options.container_driver_root == "/driver-root"
+
+
+def test_config_given_as_text_is_mounted_verbatim(rendered):
+    files = dict(config_files(rendered["config-as-text"]))
+    assert files == {"config.yaml": "version: v1\nflags:\n  migStrategy: single\n"}
+
+
+def test_mig_scenario_ships_the_mig_parted_file_its_config_names(rendered):
+    """migReconfiguration.configFile is in the mounted ConfigMap and names its scheduled configs."""
+    docs = rendered["mig-mixed"]
+    files = dict(config_files(docs))
+    config = yaml.safe_load(files[Path(parsed_command(docs).config).name])
+    assert config["flags"]["migStrategy"] == "mixed"
+    section = config["migReconfiguration"]
+    parted_path = Path(section["configFile"])
+    assert parted_path.parent == Path(CONFIG_MOUNT)
+    parted = yaml.safe_load(files[parted_path.name])
+    assert parted["version"] == "v1"
+    scheduled = {entry["config"] for entry in section["schedule"]}
+    assert scheduled <= set(parted["mig-configs"])
+
+
+# --- probes, metrics --------------------------------------------------------------------------
+
+
+def test_probes_are_http_on_the_health_endpoints_of_the_metrics_port(rendered):
+    spec = container(rendered["default"])
+    assert spec["ports"] == [{"name": "metrics", "containerPort": 9402, "protocol": "TCP"}]
+    assert container_env(rendered["default"])["METRICS_ADDRESS"] == ":9402"
+    assert spec["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert spec["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_exec_probes_without_metrics_check_the_daemon_sockets(rendered):
+    docs = rendered["exec-probes-without-metrics"]
+    spec = container(docs)
+    assert container_env(docs)["METRICS_ADDRESS"] == ""  # empty disables
+    assert "ports" not in spec
+    for probe in (spec["livenessProbe"], spec["readinessProbe"]):
+        assert "httpGet" not in probe
+        command = probe["exec"]["command"]
+        assert command[:2] == ["python", "-c"]
+        assert "/var/lib/kubelet/device-plugins/gpushare-*.sock" in command[2]
+
+
+def test_the_service_monitor_scrapes_the_metrics_service_of_the_pods(rendered):
+    docs = rendered["metrics-service-and-servicemonitor"]
+    (service,) = kind(docs, "Service")
+    (monitor,) = kind(docs, "ServiceMonitor")
+    pod_labels = daemonset(docs)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["clusterIP"] == "None"
+    (port,) = service["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (9402, "metrics")
+    service_labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
+    namespace = service["metadata"]["namespace"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [namespace]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
+    assert kind(rendered["default"], "Service") == []
+    assert kind(rendered["default"], "ServiceMonitor") == []
+
+
+# --- values that must fail ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        pytest.param({"metrics": {"port": "9402"}}, "at '/metrics/port': got string, want integer",
+                     id="port as a string"),
+        pytest.param({"mps": {"enabled": "yes"}}, "at '/mps/enabled': got string, want boolean",
+                     id="mps.enabled as a string"),
+        pytest.param({"mps": {"root": "run/nvidia/mps"}}, "at '/mps/root'",
+                     id="relative mps root"),
+        pytest.param({"config": {"content": ["version: v1"]}},
+                     "at '/config/content': got array, want",
+                     id="config as a list"),
+        pytest.param({"probes": {"mode": "tcp"}}, "at '/probes/mode'", id="unknown probe mode"),
+        pytest.param({"metrcs": {"enabled": False}}, "additional properties 'metrcs' not allowed",
+                     id="misspelt key"),
+    ],
+)
+def test_wrong_values_fail_lint_and_template_through_the_schema(helm, tmp_path, values, expected):
+    bad = tmp_path / "values.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    lint = helm.run("lint", "--strict", str(CHART), *helm.template_args(bad, ()))
+    template = helm.template(bad)
+    for proc in (lint, template):
+        assert proc.returncode != 0
+        assert "values don't meet the specifications of the schema" in proc.stdout + proc.stderr
+        assert expected in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        pytest.param(("config.content.sharing.mps.resources[0].name=nvidia.com/gpu",
+                      "config.content.sharing.mps.resources[0].replicas=2"),
+                     "set mps.enabled=true", id="MPS config without mps.enabled"),
+        pytest.param(("config.content.migReconfiguration.configFile=/etc/gpushare/m.yaml",),
+                     "set migReconfiguration.enabled=true", id="MIG jobs without the switch"),
+        pytest.param(("metrics.enabled=false",), "set metrics.enabled=true, or probes.mode=exec",
+                     id="http probes without metrics"),
+        pytest.param(("metrics.enabled=false", "probes.mode=none",
+                      "metrics.serviceMonitor.enabled=true"),
+                     "metrics.serviceMonitor.enabled needs metrics.enabled=true",
+                     id="ServiceMonitor without metrics"),
+    ],
+)
+def test_contradicting_values_fail_with_the_value_to_change(helm, sets, expected):
+    proc = helm.template(sets=sets)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+
+
+# --- the static manifest --------------------------------------------------------------------
+
+
+def test_the_static_manifest_is_the_chart_rendered_with_default_values(helm, tmp_path):
+    fresh = tmp_path / "gpushare.yaml"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "render-manifest"), str(fresh)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert STATIC.read_text() == fresh.read_text(), (
+        "deployments/static/gpushare.yaml is stale: run ./scripts/render-manifest and commit it"
+    )
+
+
+def test_the_static_manifest_validates_and_runs_in_kube_system():
+    docs = [doc for doc in yaml.safe_load_all(STATIC.read_text()) if doc]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "DaemonSet"]
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == "kube-system"
+        for version in K8S_VERSIONS:
+            validate(doc, version)
