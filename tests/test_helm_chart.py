@@ -9,6 +9,7 @@ mps root, privileges, probes and the static manifest's freshness.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -438,3 +439,21 @@ def test_the_static_manifest_validates_and_runs_in_kube_system():
         assert doc["metadata"]["namespace"] == "kube-system"
         for version in K8S_VERSIONS:
             validate(doc, version)
+
+
+def test_install_helm_without_go_says_so(tmp_path):
+    """On a machine without Go the chart tests fail with the reason, never skip."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "mkdir"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "install-helm")],
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "c")},
+    )
+    assert proc.returncode == 3
+    assert "'go' is not on PATH: install Go 1.26 or newer" in proc.stderr
+    assert proc.stdout == ""
