@@ -39,6 +39,7 @@ SCENARIOS = {
     "existing-configmap": ("existing-configmap.yaml", ()),
     "metrics-service-and-servicemonitor": (None, ("metrics.serviceMonitor.enabled=true",)),
     "exec-probes-without-metrics": (None, ("metrics.enabled=false", "probes.mode=exec")),
+    "cdi-without-node-labels": (None, ("cdi.enabled=true", "nodeLabels.enabled=false")),
     "config-as-text": (None, ("config.content=version: v1\nflags:\n  migStrategy: single\n",)),
 }
 
@@ -200,6 +201,23 @@ def test_privileged_only_with_mps_or_mig_reconfiguration(rendered, name, privile
         assert security["capabilities"] == {"drop": ["ALL"]}
         assert security["readOnlyRootFilesystem"] is True
     assert "hostPID" not in pod_spec(rendered[name]) or name == "mps"
+
+
+def test_node_labels_file_is_in_the_mounted_feature_directory_unless_off(rendered):
+    features = "/etc/kubernetes/node-feature-discovery/features.d"
+    default = rendered["default"]
+    assert host_path_mounts(default)[features] == (features, False)
+    assert container_env(default)["GFD_OUTPUT_FILE"] == f"{features}/gfd"
+    off = rendered["cdi-without-node-labels"]
+    assert features not in host_path_mounts(off)
+    assert container_env(off)["GFD_OUTPUT_FILE"] == ""  # empty disables
+
+
+def test_cdi_spec_directory_only_when_asked_for(rendered):
+    assert host_path_mounts(rendered["cdi-without-node-labels"])["/var/run/cdi"] == (
+        "/var/run/cdi", False,
+    )
+    assert "/var/run/cdi" not in host_path_mounts(rendered["default"])
 
 
 def test_mig_reconfiguration_gets_the_mig_config_capability_and_a_state_dir(rendered):
