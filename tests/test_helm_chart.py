@@ -217,6 +217,7 @@ def test_cdi_spec_directory_only_when_asked_for(rendered):
     assert host_path_mounts(rendered["cdi-without-node-labels"])["/var/run/cdi"] == (
         "/var/run/cdi", False,
     )
+    assert host_path_mounts(rendered["cdi-without-node-labels"])["/etc/cdi"] == ("/etc/cdi", True)
     assert "/var/run/cdi" not in host_path_mounts(rendered["default"])
 
 
@@ -421,6 +422,10 @@ def test_wrong_values_fail_lint_and_template_through_the_schema(helm, tmp_path, 
                      "set mps.enabled=true", id="MPS config without mps.enabled"),
         pytest.param(("config.content.migReconfiguration.configFile=/etc/gpushare/m.yaml",),
                      "set migReconfiguration.enabled=true", id="MIG jobs without the switch"),
+        pytest.param(("config.content.flags.plugin.deviceListStrategy=cdi-cri",),
+                     "set cdi.enabled=true", id="CDI strategy without the spec directory"),
+        pytest.param(("config.content.flags.plugin.deviceListStrategy={envvar,cdi-annotations}",),
+                     "set cdi.enabled=true", id="CDI strategy in a list"),
         pytest.param(("metrics.enabled=false",), "set metrics.enabled=true, or probes.mode=exec",
                      id="http probes without metrics"),
         pytest.param(("metrics.enabled=false", "probes.mode=none",

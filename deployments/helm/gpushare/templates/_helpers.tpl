@@ -74,6 +74,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (kindIs "map" $sharing) (hasKey $sharing "mps") (not .Values.mps.enabled) }}
 {{- fail "config.content shares GPUs with MPS (sharing.mps): set mps.enabled=true for hostPID, the mps.root mount and the privileges the MPS daemons need" }}
 {{- end }}
+{{- $plugin := dig "flags" "plugin" dict .Values.config.content }}
+{{- $strategies := get $plugin "deviceListStrategy" | default list }}
+{{- if kindIs "string" $strategies }}{{ $strategies = list $strategies }}{{ end }}
+{{- if and (or (has "cdi-annotations" $strategies) (has "cdi-cri" $strategies)) (not .Values.cdi.enabled) }}
+{{- fail "config.content hands devices out by CDI (flags.plugin.deviceListStrategy): set cdi.enabled=true so the CDI spec directory is the host's" }}
+{{- end }}
 {{- if and (hasKey .Values.config.content "migReconfiguration") (not .Values.migReconfiguration.enabled) }}
 {{- fail "config.content has a migReconfiguration section: set migReconfiguration.enabled=true so the daemon may change MIG layouts" }}
 {{- end }}
