@@ -50,7 +50,7 @@ class Step:
         text = {
             SET_MIG_MODE: f"{'enable' if self.enabled else 'disable'} MIG mode"
             + (
-                " (Ampere: applied by a GPU reset, which needs no processes on the GPU)"
+                " (Ampere: takes effect through a GPU reset, which needs no processes running)"
                 if self.reset
                 else ""
             ),

@@ -92,4 +92,5 @@ def resolve(name: ProfileName, profiles: Sequence[MigProfile]) -> MigProfile | N
 
 def profile_names(profiles: Sequence[MigProfile]) -> str:
     """The GPU's valid profile names, for messages: `1g.5gb, 1g.5gb+me, ...`."""
-    return ", ".join(p.name for p in profiles) or "none"
+    ordered = sorted(profiles, key=lambda p: (p.slices, p.memory_mib, p.name))
+    return ", ".join(p.name for p in ordered) or "none"

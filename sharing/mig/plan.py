@@ -69,6 +69,14 @@ class MigPlan:
         """Every step, GPU by GPU."""
         return tuple(s for g in self.gpus for s in g.steps)
 
+    def differences(self) -> tuple[str, ...]:
+        """Per GPU that differs from the config: what it has and what the config wants."""
+        return tuple(
+            f"{g.label}: has {g.current}; config {self.config!r} wants {g.request.describe()}"
+            for g in self.gpus
+            if g.changed and g.request is not None
+        )
+
 
 def plan_config(config: MigConfig, gpus: Sequence[GpuMigState]) -> MigPlan:
     """Plan a named mig-parted config on a node.

@@ -16,7 +16,7 @@ from sharing.errors import GpuLost, NvmlError, NvmlNotSupported
 from sharing.mig.layout import ComputeInstanceState, GpuInstanceState, GpuMigState
 from sharing.nvml.adapter import Nvml
 from sharing.nvml.mig import gpu_profiles
-from sharing.nvml.profiles import CI_PROFILE_INDEX_BY_SLICES, MigProfile
+from sharing.nvml.profiles import CI_PROFILE_INDEX_BY_SLICES, MigProfile, card_by_pci_id
 
 # Ampere (compute capability 8.x) applies a MIG mode change through a GPU reset (facts §6.3).
 _FIRST_ARCH_WITHOUT_RESET = 9
@@ -59,7 +59,7 @@ def _read(nvml: Nvml, index: int, handle: Any, uuid: str, name: str) -> GpuMigSt
     except NvmlNotSupported:
         return base
     major, _ = nvml.call("nvmlDeviceGetCudaComputeCapability", handle)
-    profiles = gpu_profiles(nvml, index)
+    profiles = _profiles(nvml, index, bool(current), base.pci_device_id)
     instances = _instances(nvml, handle, profiles) if current else ()
     return GpuMigState(
         index, uuid, name, base.pci_device_id, base.pci_subsystem_id,
@@ -67,6 +67,20 @@ def _read(nvml: Nvml, index: int, handle: Any, uuid: str, name: str) -> GpuMigSt
         mode_change_needs_reset=int(major) < _FIRST_ARCH_WITHOUT_RESET,
         profiles=profiles, instances=instances, processes=base.processes,
     )  # fmt: skip
+
+
+def _profiles(
+    nvml: Nvml, index: int, mig_on: bool, pci_device_id: int
+) -> tuple[MigProfile, ...]:
+    """The GPU's profiles from NVML; with MIG off, a driver that will not list placements yet
+    falls back to the known card table for this PCI id (facts §6.3)."""
+    try:
+        return gpu_profiles(nvml, index)
+    except NvmlNotSupported:
+        card = None if mig_on else card_by_pci_id(pci_device_id)
+        if card is None:
+            raise
+        return card.profiles
 
 
 def _pids(nvml: Nvml, handle: Any) -> tuple[int, ...]:
