@@ -36,6 +36,8 @@ _TOP_KEYS = ("version", "mig-configs")
 _ENTRY_KEYS = ("devices", "device-filter", "mig-enabled", "mig-devices")
 _FILTER = re.compile(r"0x([0-9A-Fa-f]{8})(?::0x([0-9A-Fa-f]{8}))?")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# libyaml's loader when PyYAML was built with it (7x faster), the pure-Python one otherwise.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def parse_mig_parted(text: str, *, source: str = "<mig-parted file>") -> MigPart
 
 def _load_yaml(text: str, source: str) -> Any:
     """Compose, check bounds and duplicate keys on the node graph, then build Python values."""
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -140,6 +142,8 @@ def _load_yaml(text: str, source: str) -> Any:
         _check_nodes(node, source)
         return loader.construct_document(node)
     except yaml.YAMLError as err:
+        if "nesting depth" in str(getattr(err, "problem", "")):
+            raise MigConfigError(f"{source}: nested more than {MAX_DEPTH} levels") from None
         raise MigConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from err
     except RecursionError:
         raise MigConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
