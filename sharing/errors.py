@@ -53,3 +53,7 @@ class MigPlanError(PlanError):
 
 class MigJournalError(SharingError):
     """The MIG apply journal is unreadable, corrupt, or was written on another node."""
+
+
+class MigApplyRefused(MigError):
+    """A MIG apply was refused before touching anything (processes running, another apply)."""

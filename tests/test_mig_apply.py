@@ -22,7 +22,7 @@ from sharing.nvml.mig_apply import (
     plan_mig,
     resume_mig,
 )
-from sharing.nvml.mig_journal import read_journal
+from sharing.nvml.mig_journal import journal_lock, read_journal
 from sharing.nvml.mig_state import read_node_mig_state
 from sharing.nvml.sim import SimNvml, create_state, start_process
 from tests.fakes.nvml_counter import MutationCounter
@@ -400,3 +400,14 @@ def test_failed_gpu_error_is_a_mig_error(node, tmp_path) -> None:
     assert result.failed_gpus == (0,)
     assert "in use" in result.gpus[0].reason
     assert issubclass(MigApplyRefused, MigError)
+
+
+def test_one_apply_at_a_time_per_journal(node, tmp_path) -> None:
+    nvml, counter, _ = node()
+    plan = plan_mig(nvml, EXAMPLE, "all-3g.20gb")
+    with journal_lock(tmp_path / "j"), pytest.raises(
+        MigApplyRefused, match=r"another MIG apply is running on this node \(it holds j.lock\)"
+    ):
+        apply_mig(nvml, plan, journal_path=tmp_path / "j")
+    assert counter.mutations == []
+    assert apply_mig(nvml, plan, journal_path=tmp_path / "j").ok

@@ -18,6 +18,7 @@ from typing import Any
 
 from sharing.errors import (
     ConfigError,
+    MigApplyRefused,
     MigError,
     MigJournalError,
     MigPlanError,
@@ -29,7 +30,6 @@ from sharing.mig.parted import MigPartedFile
 from sharing.nvml import NODE_HELP, Nvml, load_library, nvml_session
 from sharing.nvml.mig_apply import (
     ApplyResult,
-    MigApplyRefused,
     StepEvent,
     apply_mig,
     load_mig_file,

@@ -29,14 +29,14 @@ from typing import Any
 
 import pynvml
 
-from sharing.errors import MigConfigError, MigError, MigPlanError, NvmlError
+from sharing.errors import MigApplyRefused, MigConfigError, MigError, MigPlanError, NvmlError
 from sharing.mig.diff import CREATE_CI, CREATE_GI, DESTROY_CI, DESTROY_GI, SET_MIG_MODE, Step, diff
 from sharing.mig.layout import GpuMigState, Layout
 from sharing.mig.parted import MAX_FILE_BYTES, MigPartedFile, parse_mig_parted
 from sharing.mig.plan import GpuPlan, MigPlan, plan_config, plan_requests
 from sharing.nvml.adapter import Nvml
 from sharing.nvml.mig import refused
-from sharing.nvml.mig_journal import FAILED, SUCCEEDED, Journal, read_journal
+from sharing.nvml.mig_journal import FAILED, SUCCEEDED, Journal, journal_lock, read_journal
 from sharing.nvml.mig_state import node_identity, read_gpu_mig_state, read_node_mig_state
 from sharing.nvml.profiles import CI_PROFILE_INDEX_BY_SLICES
 
@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 
 UNCHANGED, APPLIED, FAILED_GPU, UNTOUCHED = "unchanged", "applied", "failed", "untouched"
 _MAX_ROUNDS = 3  # diff -> steps -> re-read; a mode change takes one extra round
-
-
-class MigApplyRefused(MigError):
-    """The pre-check refused the apply; nothing was touched. The message names every GPU."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +175,8 @@ def apply_mig(
     Raises:
         MigJournalError: the journal is corrupt, from another node, or cannot be written.
         MigPlanError: the plan no longer fits the GPUs, or was made on another node.
-        MigApplyRefused: the pre-check failed (processes running, lost GPU); nothing touched.
+        MigApplyRefused: the pre-check failed (processes running), or another apply holds the
+            journal's lock (`<journal>.lock`); nothing touched.
     Per-GPU failures after the pre-check do not raise: they are in the result (`ok` False).
     """
     node = node_identity(nvml)
@@ -188,6 +185,18 @@ def apply_mig(
             f"config {plan.config!r}: the plan was made on another node "
             "(its GPU UUIDs differ); plan again"
         )
+    with journal_lock(journal_path):
+        return _apply(nvml, plan, node, Path(journal_path), force, on_step)
+
+
+def _apply(
+    nvml: Nvml,
+    plan: MigPlan,
+    node: tuple[str, ...],
+    journal_path: Path,
+    force: bool,
+    on_step: OnStep | None,
+) -> ApplyResult:
     previous = read_journal(journal_path, node)
     states = read_node_mig_state(nvml)
     fresh = plan_requests(plan.config, plan.source, states, plan.requests)

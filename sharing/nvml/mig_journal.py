@@ -23,14 +23,17 @@ Format (version 1):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sharing.errors import MigJournalError
+from sharing.errors import MigApplyRefused, MigJournalError
 from sharing.mig.diff import Step
 from sharing.mig.layout import LayoutRequest
 
@@ -135,6 +138,32 @@ def _parse(path: Path, raw: Any) -> JournalRecord:
         str(raw["started"]), str(raw["updated"]), requests, steps,
         tuple(dict(o) for o in raw.get("outcomes", ())),
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def journal_lock(path: Path) -> Iterator[None]:
+    """Hold `<journal>.lock` exclusively: one apply per journal (daemon job or command) at a time.
+
+    Raises:
+        MigApplyRefused: another apply holds the lock.
+        MigJournalError: the lock file cannot be opened.
+    """
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise MigJournalError(f"{lock}: cannot open the MIG journal lock: {err.strerror}") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MigApplyRefused(
+                f"{path}: another MIG apply is running on this node (it holds {lock.name})"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _now() -> str:
