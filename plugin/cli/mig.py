@@ -68,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = mig.add_subparsers(dest="mig_command", metavar="MIG_COMMAND", required=True)
+    _add_plan(sub)
+    _add_apply(sub)
+    _add_assert_and_export(sub)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser(
         "plan",
         help="show per GPU the current and desired layout and the steps; touch nothing",
@@ -78,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _file_args(plan)
     plan.add_argument("--format", choices=["table", "json"], default="table")
     plan.set_defaults(func=_plan)
+
+
+def _add_apply(sub: argparse._SubParsersAction) -> None:
     apply = sub.add_parser(
         "apply",
         help="apply a config: checked first, only differing GPUs, journalled",
@@ -100,6 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # process right after its K-th journal write.
     apply.add_argument("--fault-kill-after-step", type=int, metavar="K", help=argparse.SUPPRESS)
     apply.set_defaults(func=_apply)
+
+
+def _add_assert_and_export(sub: argparse._SubParsersAction) -> None:
     check = sub.add_parser(
         "assert",
         help="exit 0 when a config is applied, 1 with the differences per GPU",
