@@ -164,6 +164,9 @@ def test_device_filter_selects_by_pci_id_on_a_mixed_node(node, tmp_path) -> None
     apply_mig(nvml, plan, journal_path=tmp_path / "j")
     assert set(counter.gpus()) == {0, 1}
     assert _layout(nvml) == {0: {"1g.10gb": 7}, 1: {"1g.10gb": 7}, 2: None, 3: None}
+    exported = export_config(read_node_mig_state(nvml))
+    assert "    - devices: [2, 3]\n      mig-enabled: false\n" in exported  # the L4s
+    assert plan_mig(nvml, exported, None).changed_gpus == ()
 
 
 def test_mig_on_gpus_without_mig_is_refused_by_name(node) -> None:

@@ -1,6 +1,7 @@
 """A node's current MIG layout as a mig-parted `version: v1` file (`gpushare mig export`).
 
-GPUs with the same layout share one entry. Only full MIG devices are counted (a GPU instance
+GPUs with the same layout share one entry (GPUs without MIG are listed with MIG disabled, which
+they are). Only full MIG devices are counted (a GPU instance
 without its full compute instance is not something a mig-parted file can ask for); such GPUs get a
 comment, and the file then does not assert until the layout is applied again.
 """
@@ -15,11 +16,14 @@ DEFAULT_NAME = "current"
 
 
 def export_config(gpus: Sequence[GpuMigState], name: str = DEFAULT_NAME) -> str:
-    """The mig-parted text of the MIG-capable GPUs' current layouts, as config `name`."""
+    """The mig-parted text of the GPUs' current layouts, as config `name` (lost GPUs left out)."""
     groups: dict[tuple[bool, tuple[tuple[str, int], ...]], list[int]] = {}
     notes = []
     for gpu in gpus:
-        if not gpu.mig_capable or gpu.lost_reason:
+        if gpu.lost_reason:
+            continue
+        if not gpu.mig_capable:
+            groups.setdefault((False, ()), []).append(gpu.index)
             continue
         counts = gpu.layout().counts()
         order = [p.name for p in gpu.profiles]
