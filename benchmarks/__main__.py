@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import measure
+from benchmarks import measure, mig
 from benchmarks.stats import Figure, render_table, write_json
 
 DEFAULT_OUT = Path("benchmarks/results/latest.json")
@@ -27,6 +27,8 @@ def _suites(quick: bool) -> dict[str, tuple]:
         "coldstart": (measure.cold_start, 5 // (5 if quick else 1) or 1),
         "memory": (measure.resident_memory, 10000 // scale),
         "reload": (measure.config_reload, 10 // (2 if quick else 1)),
+        "mig-plan": (mig.plan_configs, 20 // (5 if quick else 1)),
+        "mig-apply": (mig.apply_full, 10 // (5 if quick else 1)),
     }
 
 
@@ -36,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks",
         description="Measure gpushare: Allocate latency over the unix socket, preferred "
         "allocation, build_plan, read_inventory, health propagation, re-registration, cold "
-        "start, resident memory and config reload, on simulated nodes. Prints a table and "
-        "writes JSON.",
+        "start, resident memory, config reload, MIG plan and MIG apply, on simulated nodes. "
+        "Prints a table and writes JSON.",
     )
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")

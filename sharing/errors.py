@@ -41,3 +41,19 @@ class GpuLost(NvmlError):
 
 class MigError(SharingError):
     """A MIG operation was refused (placement, overlap, in use)."""
+
+
+class MigConfigError(ConfigError):
+    """A mig-parted file is invalid, or names a config it does not have."""
+
+
+class MigPlanError(PlanError):
+    """A MIG layout cannot be applied to this node; the message names each GPU and the reason."""
+
+
+class MigJournalError(SharingError):
+    """The MIG apply journal is unreadable, corrupt, or was written on another node."""
+
+
+class MigApplyRefused(MigError):
+    """A MIG apply was refused before touching anything (processes running, another apply)."""

@@ -58,3 +58,16 @@ def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -
         main(["--only", "allocat"])
     assert exit_info.value.code == 2
     assert "unknown benchmark(s) ['allocat']" in capsys.readouterr().err
+
+
+def test_mig_benchmarks_report_plan_and_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--only", "mig-plan", "mig-apply", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mig plan, slowest of the 9 example configs" in printed
+    assert "120 NVML mutations" in printed
+    figures = json.loads(out.read_text())["figures"]
+    assert [f["runs"] for f in figures] == [4, 2]
+    assert all(f["met"] is not None for f in figures)

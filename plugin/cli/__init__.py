@@ -1,4 +1,4 @@
-"""`gpushare` command line: run | plan | demo | sim …
+"""`gpushare` command line: run | plan | demo | mig … | sim …
 
 Each sub-command lives in its own module with a `register(subparsers)` function that adds its
 parser and sets `func`, a callable taking the parsed arguments and returning the exit status.
@@ -23,7 +23,7 @@ physical parent.
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
-    from plugin.cli import plan, run, sim
+    from plugin.cli import mig, plan, run, sim
 
     parser = argparse.ArgumentParser(
         prog="gpushare",
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.register(sub)
     plan.register(sub)
+    mig.register(sub)
     sim.register(sub)
     return parser
 
