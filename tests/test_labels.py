@@ -89,12 +89,21 @@ CASES = [
         "nvidia.com/gpu",
         {
             "count": "8",
-            "replicas": "4",
-            "sharing-strategy": "time-slicing",
+            "replicas": "mixed",
+            "sharing-strategy": "mixed",
             "product": "NVIDIA-A100-SXM4-40GB",
             "memory": "40960",
         },
-        id="per-GPU counts: the smallest replica count",
+        id="per-GPU counts and unshared GPUs under one name: mixed",
+    ),
+    pytest.param(
+        TS.format(
+            section="    renameByDefault: true\n",
+            entries="{name: gpu, devices: all, replicas: 4}",
+        ),
+        "nvidia.com/gpu.shared",
+        {},
+        id="uniform: no labels for the advertised name",
     ),
     pytest.param(
         "version: v1\nflags: {mpsRoot: /m}\nsharing:\n  timeSlicing:\n    resources: "
@@ -170,3 +179,31 @@ def test_labels_are_valid_kubernetes_label_values() -> None:
     for value in found.values():
         assert len(value) <= 63
         assert all(c.isalnum() or c in "-_." for c in value), value
+
+
+MIXED_PLAN = (
+    "version: v1\nflags: {mpsRoot: /m}\nsharing:\n  timeSlicing:\n    resources: "
+    "[{name: gpu, devices: [0, 1, 2, 3], rename: gpu-ts, replicas: 8}]\n  mps:\n"
+    "    resources: [{name: gpu, devices: [4, 5, 6, 7], rename: gpu-mps, replicas: 4}]\n"
+)
+
+
+def test_mixed_plan_labels_say_mixed_and_label_each_advertised_resource() -> None:
+    """Time-slicing x8 on GPUs 0-3 and MPS x4 on GPUs 4-7: never one `replicas=4` for both."""
+    found = labels(MIXED_PLAN)
+    assert of("nvidia.com/gpu", found) == {
+        "count": "8",
+        "replicas": "mixed",
+        "sharing-strategy": "mixed",
+        "product": "NVIDIA-A100-SXM4-40GB",
+        "memory": "40960",
+    }
+    assert {k: v for k, v in found.items() if k.startswith("nvidia.com/gpu-")} == {
+        "nvidia.com/gpu-mps.count": "4",
+        "nvidia.com/gpu-mps.replicas": "4",
+        "nvidia.com/gpu-mps.sharing-strategy": "mps",
+        "nvidia.com/gpu-ts.count": "4",
+        "nvidia.com/gpu-ts.replicas": "8",
+        "nvidia.com/gpu-ts.sharing-strategy": "time-slicing",
+    }
+
