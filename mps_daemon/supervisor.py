@@ -71,8 +71,10 @@ class MpsSupervisor:
         probe_interval_s: float = PROBE_INTERVAL_S,
         backoff_s: float = BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
+        restarted: Callable[[str], None] | None = None,
     ) -> None:
         self._control = control_binary
+        self._restarted = restarted
         self._down, self._up = down, up
         self._nvml, self._env, self._runner = nvml, dict(env or {}), runner
         if compute_mode not in COMPUTE_MODE_POLICIES:
@@ -120,6 +122,11 @@ class MpsSupervisor:
         """The control daemon of a resource, or None (for inspection)."""
         entry = self._entries.get(resource)
         return entry.daemon if entry else None
+
+    @property
+    def alive(self) -> bool:
+        """True while the supervision thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def healthy(self) -> dict[str, bool | None]:
         """Resource -> last reported state (None: not started yet)."""
@@ -199,6 +206,8 @@ class MpsSupervisor:
         except MpsDaemonError as err:
             self._failed(name, entry, str(err), now)
             return
+        if entry.failures and self._restarted is not None:
+            self._restarted(name)  # a start after it exited, failed its probe or its start
         entry.failures, entry.probe_at = 0, now + self._probe_s
         if entry.up is not True:
             entry.up, entry.reason = True, ""

@@ -90,6 +90,7 @@ OVERRIDES: tuple[Override, ...] = (
         "SHARED_DEVICES_ALLOCATION_POLICY",
         ("flags", "plugin", "sharedDevicesAllocationPolicy"),
     ),
+    Override("labels-file", "GFD_OUTPUT_FILE", ("flags", "gfd", "outputFile")),
 )
 
 _TRUE = {"true", "1", "yes", "on"}

@@ -201,7 +201,7 @@ class PluginFlags(StrictModel):
 
 
 class GfdFlags(StrictModel):
-    """`flags.gfd`: accepted for compatibility with the NVIDIA format; not used by gpushare."""
+    """`flags.gfd`: only `outputFile` is used (the node labels file; empty disables it)."""
 
     oneshot: StrictBool = False
     no_timestamp: StrictBool = False

@@ -20,6 +20,15 @@ from tests.fakes.kubelet import FakeKubelet
 from tests.fakes.sockets import short_dir
 
 
+@pytest.fixture(autouse=True)
+def no_host_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpushare run` in a test (in process or a child) serves no metrics port and writes no
+    labels file unless the test asks (a flag wins over these variables): no port clash with
+    another run, nothing written under /etc."""
+    monkeypatch.setenv("METRICS_ADDRESS", "")
+    monkeypatch.setenv("GFD_OUTPUT_FILE", "")
+
+
 @pytest.fixture
 def kubelet_dir() -> Iterator[Path]:
     """A short kubelet directory under /tmp (unix socket paths are limited to ~107 bytes)."""

@@ -40,7 +40,8 @@ def idle_daemon(
 ) -> Iterator[Daemon]:
     """A registered daemon whose kubelet watch and config watch stay idle after their first look."""
     daemon = make_daemon(
-        config, kubelet_dir, tmp_path, config_poll_s=IDLE_S, kubelet_poll_s=IDLE_S
+        config, kubelet_dir, tmp_path, config_poll_s=IDLE_S, kubelet_poll_s=IDLE_S,
+        inotify=False,
     )
     daemon.start()
     kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 32)
@@ -263,7 +264,7 @@ def test_a_server_that_cannot_restart_is_logged_once_and_spares_the_others(
     """Restarting one server whose directory is gone: one ERROR line, the other server untouched."""
     config.write_text(TWO_RESOURCES)
     daemon = make_daemon(config, kubelet_dir, tmp_path, config_poll_s=IDLE_S,
-                         kubelet_poll_s=IDLE_S)
+                         kubelet_poll_s=IDLE_S, inotify=False)
     daemon.start()
     moved = kubelet_dir.with_name(kubelet_dir.name + "-away")
     try:

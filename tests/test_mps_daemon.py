@@ -82,7 +82,8 @@ def start_daemon(
         path.write_text(config)
         daemon = Daemon(
             config_path=path, kubelet_dir=kubelet_dir, nvml_lib=load_library(str(sim_node)),
-            env={}, overrides={"mps-root": str(mps_root)}, config_poll_s=3600, **kwargs,
+            env={}, overrides={"mps-root": str(mps_root)}, config_poll_s=3600, inotify=False,
+            **kwargs,
         )
         daemons.append(daemon)
         daemon.start()

@@ -33,7 +33,7 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
-def make_daemon(config: Path, kubelet_dir: Path, tmp_path: Path, **kwargs: float) -> Daemon:
+def make_daemon(config: Path, kubelet_dir: Path, tmp_path: Path, **kwargs: object) -> Daemon:
     """A daemon on a fresh simulated DGX A100 (8 GPUs)."""
     from sharing.nvml import load_library
     from sharing.nvml.sim import create_state
@@ -110,7 +110,7 @@ def test_sighup_reloads(
     config: Path, kubelet_dir: Path, tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
     """With the file watch idle, SIGHUP alone applies the edit; SIGTERM then stops cleanly."""
-    daemon = make_daemon(config, kubelet_dir, tmp_path, config_poll_s=3600.0)
+    daemon = make_daemon(config, kubelet_dir, tmp_path, config_poll_s=3600.0, inotify=False)
     daemon.start()
     errors: list[BaseException] = []
 

@@ -7,9 +7,11 @@ parser and sets `func`, a callable taking the parsed arguments and returning the
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from collections.abc import Sequence
+from typing import Any
+
+from plugin import version
+from plugin.cli.logs import FORMATS, LEVELS, configure_logging
 
 DESCRIPTION = """\
 gpushare: GPU sharing manager for Kubernetes nodes.
@@ -21,21 +23,45 @@ physical parent.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose every sub-command parser also takes the logging options.
+
+    The top-level parser holds their defaults; a sub-command's copy is suppressed unless given,
+    so `gpushare --log-level DEBUG run` and `gpushare run --log-level DEBUG` mean the same.
+    """
+
+    def __init__(self, *args: Any, top: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_logging_options(self, top=top)
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    parser.add_argument(
+        "--log-level",
+        choices=LEVELS,
+        default="INFO" if top else argparse.SUPPRESS,
+        help="log verbosity (default: INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text" if top else argparse.SUPPRESS,
+        help="text lines (default), or json: one object per line with time, level, logger,"
+        " message and the resource, device and GPU where they apply",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     from plugin.cli import mig, plan, run, sim
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpushare",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        top=True,
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (default: INFO)",
-    )
+    parser.add_argument("--version", action="version", version=f"gpushare {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.register(sub)
     plan.register(sub)
@@ -48,11 +74,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gpushare` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     return int(args.func(args) or 0)
-
-

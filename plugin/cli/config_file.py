@@ -77,6 +77,8 @@ OVERRIDE_HELP = {
     "container-driver-root": "where the driver root is mounted inside gpushare's container",
     "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
     " distributed (spread over GPUs, default) or packed",
+    "labels-file": "node labels file for node-feature-discovery's local source (default"
+    " /etc/kubernetes/node-feature-discovery/features.d/gfd); empty disables it",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -12,10 +13,14 @@ from mps_daemon import COMPUTE_MODE_POLICIES, MANAGE_COMPUTE_MODE
 from plugin.api import DEFAULT_KUBELET_DIR
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
 from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
+from plugin.daemon.metrics import DEFAULT_ADDRESS
 from sharing.errors import ConfigError, SharingError
+
+log = logging.getLogger("gpushare.daemon")
 
 EXIT_ERROR = 1
 MPS_COMPUTE_MODE_ENV = "MPS_COMPUTE_MODE"
+METRICS_ADDRESS_ENV = "METRICS_ADDRESS"
 
 
 RUN_DESCRIPTION = """\
@@ -23,7 +28,12 @@ Serve the node's GPUs to the kubelet: one device plugin server per resource on
 <kubelet-dir>/gpushare-<resource>.sock, registered with the kubelet and registered again
 whenever the kubelet restarts. Editing the config file (or SIGHUP) applies the change without
 a restart; a file that does not validate changes nothing and the error is logged.
-SIGTERM or SIGINT stop cleanly and remove the sockets.
+SIGTERM or SIGINT stop cleanly and remove the sockets and the node labels file.
+
+Metrics for Prometheus are served on --metrics-address (default :9402) at /metrics, with
+/healthz (the daemon's loops run) and /readyz (every resource registered with the kubelet).
+The node labels (`gpushare plan` shows them) are kept in --labels-file for
+node-feature-discovery.
 
 Config precedence: command-line flag > environment variable > file > default.
 """
@@ -55,6 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=Path(DEFAULT_KUBELET_DIR),
         help=f"the kubelet's device plugin directory (default {DEFAULT_KUBELET_DIR})",
+    )
+    run.add_argument(
+        "--create-kubelet-dir",
+        action="store_true",
+        help="create --kubelet-dir when it does not exist (for trials; a real kubelet creates it)",
+    )
+    run.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help=f"serve /metrics, /healthz and /readyz here (default: $METRICS_ADDRESS, else"
+        f" {DEFAULT_ADDRESS}; :PORT listens on every interface; empty disables)",
     )
     run.add_argument(
         "--mps-control",
@@ -110,7 +131,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     env = dict(os.environ)
     path = config_path(args.config, env)
+    metrics = args.metrics_address
+    if metrics is None:
+        metrics = env.get(METRICS_ADDRESS_ENV, DEFAULT_ADDRESS)
     try:
+        if args.create_kubelet_dir and not args.kubelet_dir.is_dir():
+            args.kubelet_dir.mkdir(mode=0o750, parents=True)
+            log.info("created the kubelet directory %s", args.kubelet_dir)
         daemon = Daemon(
             config_path=Path(path) if path else None,
             kubelet_dir=args.kubelet_dir,
@@ -120,6 +147,8 @@ def run_command(args: argparse.Namespace) -> int:
             mps_control=args.mps_control,
             cdi_spec_dir=args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR),
             mps_compute_mode=mps_compute_mode(args.mps_compute_mode, env),
+            metrics_address=metrics or None,
+            node_labels=True,
         )
         return daemon.run_forever()
     except (SharingError, OSError) as err:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from plugin.cli import sim_kubelet
 from sharing.errors import SharingError
 
 EXIT_USAGE = 2
@@ -22,7 +23,8 @@ Simulated nodes for trying gpushare without GPUs. Create a state directory from 
 at it, and change it with the commands below while the daemon runs:
 
   gpushare sim create dgx-a100 --state /tmp/node
-  gpushare run --node /tmp/node ...            (in another terminal)
+  gpushare sim kubelet --dir /tmp/kubelet      (a kubelet stand-in, in one terminal)
+  gpushare run --node /tmp/node --kubelet-dir /tmp/kubelet ...   (in another terminal)
   gpushare sim inject-xid --node /tmp/node --gpu 3 --xid 79
   gpushare sim proc start --node /tmp/node --gpu 0
   gpushare sim show --node /tmp/node
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_create(sub)
     _add_faults(sub)
     _add_proc_and_show(sub)
+    sim_kubelet.register(sub)
 
 
 def _command(

@@ -4,18 +4,17 @@ Composition only: config, NVML session, inventory, Plan, servers, the kubelet li
 file watch and the background components (health monitor, MPS supervisor, ...) are wired here.
 A change (config file edited, SIGHUP) builds a new Plan and applies the diff: new resources are
 served and registered, vanished ones stopped, changed device lists pushed on the open streams.
-A file that fails to load or validate changes nothing.
+A file that fails to load or validate changes nothing. Metrics, /healthz, /readyz and the
+node labels file are composed in from `observe`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 from mps_daemon import MANAGE_COMPUTE_MODE
@@ -24,7 +23,9 @@ from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
 from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.daemon.kubelet import KubeletLink
+from plugin.daemon.observe import Observability
 from plugin.daemon.server import PluginServer, create_server
+from plugin.daemon.signals import install_signals, restore_signals
 from plugin.daemon.state import NodeState
 from plugin.daemon.watch import FileWatcher
 from sharing.config import Config, apply_overrides, default_config
@@ -68,7 +69,13 @@ class Daemon:
         cdi_spec_dir: Path | None = None,
         cdi_toolkit_dirs: Sequence[Path] | None = None,
         mps_compute_mode: str = MANAGE_COMPUTE_MODE,
+        metrics_address: str | None = None,
+        node_labels: bool = False,
+        inotify: bool = True,
     ) -> None:
+        """`metrics_address` serves /metrics, /healthz, /readyz (None: not served); with
+        `node_labels` the labels file named by flags.gfd.outputFile is kept; `inotify=False`
+        polls the kubelet directory and the config file instead."""
         self.config_path = config_path
         self.kubelet_dir = Path(kubelet_dir)
         self.state = NodeState()
@@ -103,15 +110,24 @@ class Daemon:
                      generator=lambda config: generator_argv(nvml_lib, config))
             if cdi_spec_dir is not None else None
         )
+        self.observe = Observability(self, metrics_address=metrics_address)
+        self.metrics = self.observe.metrics
         self.link = KubeletLink(
             self.kubelet_dir,
             sockets=self.socket_names,
             restart_servers=self.restart_servers,
             poll_s=kubelet_poll_s,
+            inotify=inotify,
+            on_registered=self.metrics.registered,
         )
-        self._config_watch = (
-            FileWatcher(config_path, self.reload, poll_s=config_poll_s) if config_path else None
-        )
+        self.observe.add_liveness("kubelet-watch", lambda: self.link.alive)
+        self._config_watch = None
+        if config_path:
+            watch = FileWatcher(config_path, self.reload, poll_s=config_poll_s, inotify=inotify)
+            self.observe.add_liveness("config-watch", lambda: watch.alive)
+            self._config_watch = watch
+        if node_labels:
+            self.add_plan_listener(self.observe.write_labels)
 
     # --- seams for other parts ----------------------------------------------------------------
 
@@ -119,6 +135,21 @@ class Daemon:
     def plan(self) -> Plan:
         """The Plan now served."""
         return self.state.plan
+
+    @property
+    def phase(self) -> str:
+        """`starting` (until start() is done), `running`, or `stopping` (from stop() on)."""
+        if self._stopping:
+            return "stopping"
+        return "running" if self._started else "starting"
+
+    def set_mig_state(self, config: str, state: str) -> None:
+        """Publish the MIG job state in the labels file (`nvidia.com/mig.config{,.state}`).
+
+        Raises:
+            ValueError: an unknown state or a config name that is not a label value.
+        """
+        self.observe.labels.set_mig_state(config, state)
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -163,10 +194,12 @@ class Daemon:
         if not self.kubelet_dir.is_dir():
             raise FileNotFoundError(
                 f"kubelet directory {self.kubelet_dir} does not exist (is the kubelet's "
-                "device-plugins directory mounted? see --kubelet-dir)"
+                "device-plugins directory mounted? see --kubelet-dir; --create-kubelet-dir "
+                "creates it)"
             )
         config = self._load_config()
         self.config = config
+        self.observe.start_server()
         try:
             self.nvml = self._exit.enter_context(nvml_session(self._nvml_lib))
         except NvmlError as err:
@@ -187,6 +220,7 @@ class Daemon:
         except BaseException:
             self.stop()
             raise
+        self.metrics.config_loaded()
         self._started = True
 
     def stop(self) -> None:
@@ -207,6 +241,7 @@ class Daemon:
             self.cdi.remove()
         self.state.close()
         self._exit.close()
+        self.observe.stop()
 
     def request_stop(self) -> None:
         """Ask run_forever to stop (safe from signal handlers and other threads)."""
@@ -224,7 +259,7 @@ class Daemon:
         The signal handlers are installed before starting, so a SIGTERM that arrives while the
         daemon starts still ends in a clean stop. Returns 0; start() errors propagate.
         """
-        previous = _install_signals(self)
+        previous = install_signals(self)
         try:
             if not self._started:
                 self.start()
@@ -237,7 +272,7 @@ class Daemon:
                     self._reload_requested = False
                     self.reload()
         finally:
-            _restore_signals(previous)
+            restore_signals(previous)
             self.stop()
         log.info("stopped; sockets removed")
         return 0
@@ -257,9 +292,11 @@ class Daemon:
             plan, inventory = self._build(config)
         except (SharingError, OSError) as err:
             self.reload_failures += 1
+            self.metrics.config_reload(False)
             log.error("reload of %s failed: %s", source, err)
             return False
         self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config))
+        self.metrics.config_reload(True)
         return True
 
     def restart_servers(self, names: Sequence[str]) -> None:
@@ -359,6 +396,7 @@ class Daemon:
         monitor = create_health_monitor(
             nvml=self.nvml, env=self._env, health=config.health, plan=self.plan,
             inventory=self.inventory, publish=self.set_health_overlay,
+            on_xid=self.metrics.xid_event,
         )
 
         def follow(plan: Plan, inventory: Inventory) -> None:
@@ -367,6 +405,7 @@ class Daemon:
 
         self.add_component(monitor)
         self.add_plan_listener(follow)
+        self.observe.add_liveness("health-monitor", lambda: monitor.alive)
         return monitor
 
     def _add_mps_supervisor(self, monitor: HealthMonitor | None) -> None:
@@ -374,10 +413,14 @@ class Daemon:
         from plugin.daemon.mps_wiring import add_mps_supervisor, mps_control_for
 
         control = mps_control_for(self._nvml_lib, self._mps_control, self._env)
-        self.mps_supervisor = add_mps_supervisor(
-            self, monitor, control=control, env=self._env, compute_mode=self._mps_compute_mode
+        supervisor = add_mps_supervisor(
+            self, monitor, control=control, env=self._env,
+            compute_mode=self._mps_compute_mode, restarted=self.metrics.mps_restarted,
         )
-        self.mps_supervisor.start()  # daemons answer before the kubelet hears of the resources
+        self.mps_supervisor = supervisor
+        self.metrics.watch_mps(supervisor.healthy)
+        self.observe.add_liveness("mps-supervisor", lambda: supervisor.alive)
+        supervisor.start()  # daemons answer before the kubelet hears of the resources
 
     def _serve(self, plan: Plan, name: str) -> None:
         """Start the server of one resource."""
@@ -388,32 +431,12 @@ class Daemon:
             self.kubelet_dir / resource.socket_name,
             state=self.state,
             allocator=self.allocator,
+            recorder=self.metrics.allocate_recorder(name),
         )
         server.start()
         self._servers[name] = server
-        log.info("serving %s (%d devices) on %s", name, len(resource.devices), resource.socket_name)
-
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _install_signals(daemon: Daemon) -> dict[int, Any]:
-    """SIGTERM/SIGINT stop the daemon, SIGHUP reloads; returns the previous handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            daemon.request_reload()
-        else:
-            daemon.request_stop()
-
-    return {s: signal.signal(s, on_signal) for s in _SIGNALS}
-
-
-def _restore_signals(previous: Mapping[int, Any]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+        log.info("serving %s (%d devices) on %s", name, len(resource.devices), resource.socket_name,
+                 extra={"resource": name})
 
 
 __all__ = ["Component", "Daemon", "PlanListener"]

@@ -68,6 +68,7 @@ class HealthNvml(Protocol):
 
 
 Publish = Callable[[Mapping[str, str]], None]
+OnXid = Callable[[int, int], None]  # (GPU index, XID) of each XID event received
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ class HealthMonitor:
         clock: Callable[[], float] = time.monotonic,
         wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         reset_probe_interval_s: float = RESET_PROBE_INTERVAL_S,
+        on_xid: OnXid | None = None,
     ) -> None:
         self._nvml = nvml
+        self._on_xid = on_xid
         self._reset_probe_s = reset_probe_interval_s
         self._publish = publish
         self._clock = clock
@@ -155,6 +158,11 @@ class HealthMonitor:
         """Report the MPS daemon of `resource` answering again."""
         self._commands.put(lambda: self._tracker.on_mps_up(resource))
 
+    @property
+    def alive(self) -> bool:
+        """True while the monitor thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stats(self) -> MonitorStats:
         """A copy of the work counters."""
         return MonitorStats(**self._counts)
@@ -175,6 +183,7 @@ class HealthMonitor:
         batch = self._wait_batch()
         now = self._clock()
         if batch:
+            self._count_xids(batch)
             self._counts["events"] += len(batch)
             self._counts["batches"] += 1
             out += self._probe_faulted(self._tracker.on_events(batch, now), now)
@@ -184,6 +193,13 @@ class HealthMonitor:
             out += self._probe_awaiting_reset(now)
         out += self._recover(now)
         self._emit(out)
+
+    def _count_xids(self, batch: list[XidEventLike]) -> None:
+        if self._on_xid is None:
+            return
+        for event in batch:
+            if event.event_type == "xid":
+                self._on_xid(event.gpu_index, event.xid)
 
     def _reconfigure(self, policy: XidPolicy, settings: HealthSettings) -> list[HealthTransition]:
         tracker = self._tracker
@@ -334,7 +350,7 @@ class HealthMonitor:
         """Log each transition once and publish the overlay if it changed."""
         for tr in transitions:
             level = logging.INFO if tr.healthy else logging.WARNING
-            log.log(level, "%s", tr.message, extra={"xid": tr.xid, "affected": tr.affected})
+            log.log(level, "%s", tr.message, extra=_log_fields(tr))
             if tr.healthy:
                 self._candidate_probed_at.pop(tr.gpu_uuid, None)
         self._counts["transitions"] += len(transitions)
@@ -346,6 +362,18 @@ class HealthMonitor:
             self._publish(self._tracker.overlay())
         except Exception:  # a failing consumer must not stop health monitoring
             log.exception("publishing the health overlay failed")
+
+
+def _log_fields(tr: HealthTransition) -> dict[str, object]:
+    """Structured fields of a transition's log line: GPU, MIG device or resource, XID, count."""
+    fields: dict[str, object] = {"xid": tr.xid, "affected": tr.affected}
+    if tr.key.startswith("mps:"):
+        fields["resource"] = tr.key[4:]
+        return fields
+    fields["gpu"] = tr.gpu_index
+    if tr.key != tr.gpu_uuid:
+        fields["device"] = tr.key
+    return fields
 
 
 def health_policy(
@@ -368,6 +396,7 @@ def create_health_monitor(
     plan: Plan,
     inventory: Inventory,
     publish: Publish,
+    on_xid: OnXid | None = None,
 ) -> HealthMonitor:
     """The monitor for a daemon: policy from the `health:` section and DP_*_HEALTHCHECKS.
 
@@ -379,5 +408,5 @@ def create_health_monitor(
         log.warning("health checks disabled: XIDs and lost GPUs will not mark devices Unhealthy")
     return HealthMonitor(
         nvml=nvml, policy=policy, settings=settings, plan=plan, inventory=inventory,
-        publish=publish,
+        publish=publish, on_xid=on_xid,
     )

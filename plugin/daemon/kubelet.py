@@ -1,7 +1,8 @@
 """Registration with the kubelet and the watch that re-registers when the kubelet restarts.
 
 The kubelet deletes every socket in its directory when it starts and creates a new
-`kubelet.sock`. KubeletLink polls the directory (a cheap os.stat every ~50 ms): a re-created
+`kubelet.sock`. KubeletLink watches the directory with inotify (polling every ~50 ms where
+inotify is unavailable) and looks at it on every change (a cheap os.stat or two): a re-created
 `kubelet.sock` or a missing socket of ours restarts our servers and registers every resource
 again; while `kubelet.sock` is absent it waits, saying so in the log.
 """
@@ -19,12 +20,13 @@ import grpc
 
 from plugin.api import KUBELET_SOCKET, pb_grpc
 from plugin.daemon import convert
-from plugin.daemon.watch import PollLoop
+from plugin.daemon.watch import DirectoryEvents, PollLoop
 
 log = logging.getLogger(__name__)
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+KUBELET_STEP_MS = 25  # inotify batching step: a kubelet restart is seen within ~25-50 ms
 _NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
@@ -103,6 +105,8 @@ class KubeletLink:
         max_retry_s: float = 30.0,
         register_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        inotify: bool = True,
+        on_registered: Callable[[str], None] | None = None,
     ) -> None:
         self.kubelet_dir = kubelet_dir
         self._sockets = sockets
@@ -112,10 +116,15 @@ class KubeletLink:
         self._register_timeout_s = register_timeout_s
         self._clock = clock
         self._pending: set[str] = set()
+        self._registered: set[str] = set()  # registered, and not asked to register again since
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, tuple[int, str]] = {}  # name -> (failed attempts, last error)
         self._lock = threading.Condition()
+        self._on_registered = on_registered
         self._loop = PollLoop("kubelet-watch", self.poll_once, poll_s=poll_s, delay_first=False)
+        self._events = DirectoryEvents(
+            kubelet_dir, self._loop, poll_s=poll_s, step_ms=KUBELET_STEP_MS, inotify=inotify
+        )
         self._kubelet: tuple[int, int] | None = None
         self._kubelet_lost = False
         self._restart_reason = ""  # the last restart reason logged, so a repeat is not
@@ -126,15 +135,19 @@ class KubeletLink:
         names = list(names)
         with self._lock:
             self._pending.update(names)
+            self._registered.difference_update(names)
             for name in names:  # new circumstances: try now, backoff from the start
                 self._retry_at.pop(name, None)
                 self._failures.pop(name, None)
+        if names and self._events.using_inotify:  # polling finds them soon anyway
+            self._loop.wake()
 
     def forget(self, names: Iterable[str]) -> None:
         """Stop trying to register these resources (they are no longer served)."""
         names = list(names)
         with self._lock:
             self._pending.difference_update(names)
+            self._registered.difference_update(names)
             for name in names:
                 self._retry_at.pop(name, None)
                 self._failures.pop(name, None)
@@ -145,14 +158,29 @@ class KubeletLink:
         with self._lock:
             return self._lock.wait_for(lambda: not self._pending, timeout=timeout_s)
 
+    def unregistered(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` not registered with the kubelet now (in the order given)."""
+        with self._lock:
+            return [n for n in names if n not in self._registered]
+
+    @property
+    def kubelet_present(self) -> bool:
+        """False from the moment `kubelet.sock` was seen missing until it is seen again."""
+        return not self._kubelet_lost
+
+    @property
+    def alive(self) -> bool:
+        """True while the watch threads run."""
+        return self._events.alive
+
     def start(self) -> None:
-        """Start the watch thread; every resource then served is registered."""
+        """Start the watch threads; every resource then served is registered."""
         self.request(self._sockets())
-        self._loop.start()
+        self._events.start()
 
     def stop(self) -> None:
-        """Stop the watch thread; safe to call twice."""
-        self._loop.stop()
+        """Stop the watch threads; safe to call twice."""
+        self._events.stop()
 
     def poll_once(self) -> None:
         """One look at the kubelet directory: restart and re-register when needed."""
@@ -220,11 +248,15 @@ class KubeletLink:
             with self._lock:
                 failed, _ = self._failures.pop(name, (0, ""))
                 self._pending.discard(name)
+                self._registered.add(name)
                 self._retry_at.pop(name, None)
                 self.registrations += 1
                 self._lock.notify_all()
+            if self._on_registered is not None:
+                self._on_registered(name)
             after = f" after {failed} failed attempts" if failed else ""
-            log.info("registered %s (%s) with the kubelet%s", name, sockets[name], after)
+            log.info("registered %s (%s) with the kubelet%s", name, sockets[name], after,
+                     extra={"resource": name})
 
     def _failed(self, name: str, error: str) -> None:
         """Schedule the next attempt with exponential backoff; log a new error once."""

@@ -9,7 +9,7 @@ with a clear reason; the daemon stays up.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from mps_daemon import MANAGE_COMPUTE_MODE, MpsSupervisor, standin_argv
@@ -64,11 +64,13 @@ def add_mps_supervisor(
     control: str | Sequence[str],
     env: Mapping[str, str],
     compute_mode: str = MANAGE_COMPUTE_MODE,
+    restarted: Callable[[str], None] | None = None,
 ) -> MpsSupervisor:
     """Create the supervisor for the daemon's current Plan and have it follow every new one."""
     supervisor = MpsSupervisor(
         control_binary=control, down=health.mps_down, up=health.mps_up, nvml=daemon.nvml, env=env,
         compute_mode=compute_mode,
+        restarted=restarted,
     )
     supervisor.update(daemon.plan)
     daemon.add_plan_listener(supervisor.update)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,6 +20,7 @@ import grpc
 from plugin.api import pb, pb_grpc
 from plugin.daemon import convert
 from plugin.daemon.allocate import ResourceAllocator
+from plugin.daemon.metrics import AllocateRecorder
 from plugin.daemon.state import NodeState
 from sharing.allocation import preferred_allocation
 from sharing.errors import InvalidRequest
@@ -38,10 +40,12 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         *,
         state: NodeState,
         allocator: Callable[[str], ResourceAllocator | None],
+        recorder: AllocateRecorder | None = None,
     ) -> None:
         self.resource_name = resource_name
         self._state = state
         self._allocator = allocator
+        self._recorder = recorder
         self._closed = threading.Event()  # one per start: set for good when that run ends
 
     def open(self) -> None:
@@ -104,6 +108,7 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self, request: pb.AllocateRequest, context: grpc.ServicerContext
     ) -> pb.AllocateResponse:
         """One ContainerAllocateResponse per container request, in order."""
+        started = time.perf_counter()
         if not request.container_requests:
             self._refuse_empty(context, "Allocate")
         allocator = self._allocator(self.resource_name)
@@ -115,7 +120,10 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             ]
         except InvalidRequest as err:
             self._refuse(context, "Allocate", str(err))
-        return convert.to_pb_allocate_response(allocations)
+        response = convert.to_pb_allocate_response(allocations)
+        if self._recorder is not None:
+            self._recorder.record(len(allocations), time.perf_counter() - started)
+        return response
 
     def _refuse_empty(self, context: grpc.ServicerContext, method: str) -> None:
         """Refuse a request without container requests."""
@@ -124,7 +132,8 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
 
     def _refuse(self, context: grpc.ServicerContext, method: str, message: str) -> None:
         """Abort the call with INVALID_ARGUMENT and this message (it names resource and ID)."""
-        log.warning("%s for %s refused: %s", method, self.resource_name, message)
+        log.warning("%s for %s refused: %s", method, self.resource_name, message,
+                    extra={"resource": self.resource_name})
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def PreStartContainer(  # noqa: N802
@@ -223,7 +232,10 @@ def create_server(
     *,
     state: NodeState,
     allocator: Callable[[str], ResourceAllocator | None],
+    recorder: AllocateRecorder | None = None,
 ) -> PluginServer:
-    """A PluginServer for one resource (not started)."""
-    servicer = DevicePluginServicer(resource_name, state=state, allocator=allocator)
+    """A PluginServer for one resource (not started); Allocate is recorded in `recorder`."""
+    servicer = DevicePluginServicer(
+        resource_name, state=state, allocator=allocator, recorder=recorder
+    )
     return PluginServer(servicer, socket_path)

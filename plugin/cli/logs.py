@@ -1,0 +1,51 @@
+"""Log output of the `gpushare` commands: `--log-format text` (default) or `json`.
+
+JSON logs are one object per line: `time` (RFC 3339, UTC, milliseconds), `level`, `logger`,
+`message`, then the structured fields a line carries where they apply (`resource`, `device`,
+`gpu`, `xid`, `affected`), and `exception` with the traceback when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+FORMATS = ("text", "json")
+FIELDS = ("resource", "device", "gpu", "xid", "affected")  # passed as `extra=` by log calls
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON object."""
+        stamp = datetime.fromtimestamp(record.created, tz=timezone.utc)
+        out: dict[str, object] = {
+            "time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in FIELDS:
+            value = getattr(record, field, None)
+            if value is not None:
+                out[field] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send log records at `level` or above to stderr in `log_format` (text or json).
+
+    Like logging.basicConfig, this does nothing when the root logger has handlers already
+    (an embedding program, or pytest, decides then).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = log_format == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
