@@ -29,6 +29,7 @@ def _suites(quick: bool) -> dict[str, tuple]:
         "reload": (measure.config_reload, 10 // (2 if quick else 1)),
         "mig-plan": (mig.plan_configs, 20 // (5 if quick else 1)),
         "mig-apply": (mig.apply_full, 10 // (5 if quick else 1)),
+        "idle": (measure.idle_cpu, 2 if quick else 6),
     }
 
 
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks",
         description="Measure gpushare: Allocate latency over the unix socket, preferred "
         "allocation, build_plan, read_inventory, health propagation, re-registration, cold "
-        "start, resident memory, config reload, MIG plan and MIG apply, on simulated nodes. "
-        "Prints a table and writes JSON.",
+        "start, resident memory, config reload, idle CPU, MIG plan and MIG apply, on simulated "
+        "nodes. Prints a table and writes JSON.",
     )
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")

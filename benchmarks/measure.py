@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
+import urllib.request
 from collections.abc import Callable
 from functools import partial
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.node import DaemonUnderTest
 from benchmarks.stats import Figure
 from benchmarks.synthetic import synthetic_inventory, time_slicing_config
 from plugin.daemon import convert
+from plugin.standin.configmap import write_configmap
 from sharing.allocation import preferred_allocation
 from sharing.nvml import load_library, nvml_session, read_inventory, sim
 from sharing.plan import build_plan
@@ -67,7 +71,7 @@ def allocate_latency(calls: int) -> list[Figure]:
                 )  # fmt: skip
             if label == "envvar":
                 figures.append(_transport_floor(stub, calls))
-    return figures
+    return figures + allocate_metrics_overhead(calls)
 
 
 def _transport_floor(stub: object, calls: int) -> Figure:
@@ -240,6 +244,107 @@ def config_reload(runs: int) -> list[Figure]:
         Figure.from_samples(
             "config reload -> new list at kubelet", f"{NODE} ts 4<->8", "ms", samples,
             target_median=1000.0, target_p99=1000.0, target_text="<1000",
+        )
+    ] + configmap_swap(runs)  # fmt: skip
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _allocate_histogram_count(port: int) -> float:
+    """gpushare_allocate_seconds_count summed over resources, scraped from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gpushare_allocate_seconds_count"
+    )
+
+
+def allocate_metrics_overhead(calls: int) -> list[Figure]:
+    """Allocate 1 device with metrics off and on: two daemons, calls alternated in blocks.
+
+    Alternating blocks of 100 calls spreads the machine's drift over both; the scrape at the end
+    checks that the daemon with metrics on recorded every call.
+    """
+    port = _free_port()
+    timed: dict[str, list[float]] = {"off": [], "on": []}
+    with DaemonUnderTest(NODE, ts_config(8)) as off, DaemonUnderTest(NODE, ts_config(8)) as on:
+        on.metrics_address = f"127.0.0.1:{port}"
+        call = {}
+        for label, node in (("off", off), ("on", on)):
+            ids = node.serve([GPU]).latest(GPU).healthy_ids  # type: ignore[union-attr]
+            request = convert.to_pb_allocate_request([[ids[0]]])
+            call[label] = partial(node.stub("gpu").Allocate, request, timeout=5)
+            _timed(call[label], 200)  # warm-up
+        for block in range(max(1, calls // 100)):
+            for label in ("off", "on") if block % 2 == 0 else ("on", "off"):
+                timed[label] += _timed(call[label], 100)
+        recorded = _allocate_histogram_count(port)
+    off_median, on_median = statistics.median(timed["off"]), statistics.median(timed["on"])
+    change = (on_median - off_median) / off_median * 100
+    return [
+        Figure.from_samples(
+            "Allocate 1 device, envvar, metrics off (alternating)", f"{NODE} ts x8", "ms",
+            timed["off"],
+        ),
+        Figure.from_samples(
+            "Allocate 1 device, envvar, metrics on (alternating)", f"{NODE} ts x8", "ms",
+            timed["on"], target_text="median within 5% of off",
+            detail=f"median {change:+.1f}% with metrics on; {recorded:.0f} calls recorded",
+        ),
+    ]  # fmt: skip
+
+
+def configmap_swap(runs: int) -> list[Figure]:
+    """ConfigMap-style update (`..data` symlink swapped) -> new device list at the kubelet."""
+    samples = []
+    with DaemonUnderTest(NODE, ts_config(4)) as node:
+        configmap = node.root / "cm"
+        write_configmap(configmap, {"config.yaml": ts_config(4)})
+        node.config_path = configmap / "config.yaml"
+        kubelet = node.serve([GPU])
+        for run in range(runs):
+            replicas = 8 if run % 2 == 0 else 4
+            t0 = time.monotonic()
+            write_configmap(configmap, {"config.yaml": ts_config(replicas)})
+            seen = kubelet.wait_for_list(GPU, lambda lst, n=replicas: len(lst.devices) == 8 * n)
+            samples.append((seen.at - t0) * 1000)
+    return [
+        Figure.from_samples(
+            "ConfigMap ..data swap -> new list at kubelet", f"{NODE} ts 4<->8", "ms", samples,
+            target_median=1000.0, target_p99=1000.0, target_text="<1000",
+        )
+    ]  # fmt: skip
+
+
+def idle_cpu(windows: int, window_s: float = 5.0) -> list[Figure]:
+    """CPU time the daemon uses while nothing happens, per second of wall time (% of one core).
+
+    Windows of 5 s: the kernel counts CPU time in 10 ms ticks, too coarse for shorter ones.
+    """
+    samples = []
+    with DaemonUnderTest(NODE, ts_config(8)) as node:
+        node.serve([GPU])
+        process = psutil.Process(node.pid)
+        time.sleep(2.0)  # start-up work done
+        for _ in range(windows):
+            before, t0 = process.cpu_times(), time.monotonic()
+            time.sleep(window_s)
+            after, t1 = process.cpu_times(), time.monotonic()
+            used = (after.user - before.user) + (after.system - before.system)
+            samples.append(used / (t1 - t0) * 100)
+    return [
+        Figure.from_samples(
+            f"daemon CPU while idle ({window_s:.0f} s windows)", f"{NODE} ts x8", "%", samples,
+            detail=f"mean {statistics.mean(samples):.2f}% of one core over "
+            f"{windows * window_s:.0f} s",
         )
     ]  # fmt: skip
 

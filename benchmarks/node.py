@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 class DaemonUnderTest:
     """`gpushare run` on a fresh simulated node, driven by a kubelet stand-in."""
 
+    metrics_address = ""  # set before spawn() to serve metrics (off by default: no port clash)
+
     def __init__(self, node: str, config_text: str, *, stand_in: bool = True) -> None:
         self.node = node
         self.root = Path(tempfile.mkdtemp(prefix="gpb-", dir="/tmp"))
@@ -46,6 +48,8 @@ class DaemonUnderTest:
             "--node", str(self.state_dir),
             "--config", str(self.config_path),
             "--kubelet-dir", str(self.kubelet_dir),
+            "--metrics-address", self.metrics_address,
+            "--labels-file", str(self.root / "gfd"),
         ]  # fmt: skip
         # The checkout first, whatever PYTHONPATH held after it (the dependencies may live there).
         kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

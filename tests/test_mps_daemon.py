@@ -29,6 +29,7 @@ from sharing.plan import build_plan
 from sharing.plan_types import MpsSpec, Plan, ResourcePlan, ServeOptions
 from tests.checkout import checkout_env, gpushare_argv
 from tests.fakes.kubelet import FakeKubelet
+from tests.test_metrics import samples, value, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPAT_MPS = ROOT / "tests" / "data" / "compat" / "nvidia-device-plugin" / "mps.yaml"
@@ -132,17 +133,30 @@ def test_daemon_per_resource_with_env_limits_modes_and_permissions(
 def test_killed_daemon_marks_devices_unhealthy_then_recovers(
     start_daemon: StartDaemon, kubelet: FakeKubelet
 ) -> None:
-    """SIGKILL of the control daemon: all 80 replicas Unhealthy, then Healthy after a restart."""
+    """SIGKILL of the control daemon: all 80 replicas Unhealthy, then Healthy after a restart;
+    the metrics show the daemon down, then up again with one restart counted."""
     daemon = start_daemon(COMPAT_MPS.read_text())
     name = daemon.plan.resources[0].name
     kubelet.wait_for_list(name, lambda d: len(d.healthy_ids) == 80)
+    assert _mps_metrics(daemon, name) == (1.0, None)
     old = daemon.mps_supervisor.daemon(name).pid
     os.kill(old, signal.SIGKILL)
-    kubelet.wait_for_list(name, lambda d: len(d.unhealthy_ids) == 80)
+    wait_until(lambda: _mps_metrics(daemon, name)[0] == 0.0)  # down for >= the 0.2 s backoff
+    kubelet.wait_for(lambda: any(len(d.unhealthy_ids) == 80 for d in kubelet.lists(name)))
     kubelet.wait_for_list(name, lambda d: len(d.healthy_ids) == 80)
     new = daemon.mps_supervisor.daemon(name).pid
     assert new not in (None, old)
     assert _state(daemon.plan.resources[0].mps)["active_thread_percentage"] == 10
+    assert _mps_metrics(daemon, name) == (1.0, 1.0)
+
+
+def _mps_metrics(daemon: Daemon, resource: str) -> tuple[float | None, float | None]:
+    """(gpushare_mps_daemon_up, gpushare_mps_daemon_restarts_total) of a resource, scraped."""
+    found = samples(daemon.metrics.exposition().decode())
+    return (
+        value(found, "gpushare_mps_daemon_up", resource=resource),
+        value(found, "gpushare_mps_daemon_restarts_total", resource=resource),
+    )
 
 
 def test_reload_restarts_only_the_changed_daemon(

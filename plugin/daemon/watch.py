@@ -217,7 +217,7 @@ class FileWatcher:
         *,
         poll_s: float,
         inotify: bool = True,
-        step_ms: int = 50,
+        step_ms: int = 100,
     ) -> None:
         self.path = path
         self._on_change = on_change
