@@ -14,6 +14,7 @@ by swapping the `..data` symlink, which a watch on the file would miss.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ log = logging.getLogger("gpushare.daemon")
 TICK_S = 1.0  # with inotify: how often the loop looks anyway (retries, missed events)
 RETRY_INOTIFY_S = 5.0  # while polling: how often inotify is tried again
 DEBOUNCE_MS = 100  # the longest a burst of changes is gathered before the loop is woken
+CHECK_MS = 250  # how often the inotify thread checks that its directory is still the same
 
 
 def file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -171,16 +173,19 @@ class DirectoryEvents:
             raise FileNotFoundError(f"{self.directory} does not exist")
         changes_seen = watchfiles.watch(
             self.directory, watch_filter=None, recursive=False, stop_event=self._stop,
-            step=self._step_ms, debounce=DEBOUNCE_MS, rust_timeout=int(self._tick_s * 1000),
+            step=self._step_ms, debounce=DEBOUNCE_MS, rust_timeout=CHECK_MS,
             yield_on_timeout=True, raise_interrupt=False, force_polling=False,
             poll_delay_ms=max(10, int(self._poll_s * 1000)),
         )
+        itself = os.path.abspath(self.directory)
         for changes in changes_seen:
             if not self.using_inotify:
                 self._inotify_works()
             if changes:
                 self._loop.wake()
-            if _dir_identity(self.directory) != seen:
+            # A removed directory's watch is dead, even when a new one reuses its inode.
+            gone = any(os.path.abspath(path) == itself for _, path in changes)
+            if gone or _dir_identity(self.directory) != seen:
                 self._loop.wake()
                 raise FileNotFoundError(f"{self.directory} was removed or replaced")
 

@@ -1,0 +1,167 @@
+"""CLI conventions: --version, logging options anywhere, JSON log lines, `sim kubelet`,
+and `run` creating a missing kubelet directory only when asked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugin.cli import build_parser, main
+from plugin.cli.logs import JsonFormatter
+from sharing.nvml.sim import create_state
+from tests.test_metrics import wait_until
+from tests.test_reload import time_slicing
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def gpushare(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    """`gpushare ARGS` as a child process (`python -m plugin.cli`), output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=ENV, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared is not None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"gpushare {declared.group(1)}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "level", "fmt"),
+    [
+        pytest.param(["run"], "INFO", "text", id="defaults"),
+        pytest.param(["--log-level", "DEBUG", "run"], "DEBUG", "text", id="before the command"),
+        pytest.param(["run", "--log-level", "DEBUG"], "DEBUG", "text", id="after the command"),
+        pytest.param(["--log-level", "ERROR", "run", "--log-format", "json"], "ERROR", "json",
+                     id="one before, one after"),
+        pytest.param(["sim", "show", "--node", "x", "--log-level", "WARNING"], "WARNING", "text",
+                     id="after a nested command"),
+    ],
+)
+def test_logging_options_anywhere(argv: list[str], level: str, fmt: str) -> None:
+    args = build_parser().parse_args(argv)
+    assert (args.log_level, args.log_format) == (level, fmt)
+
+
+def test_log_level_after_the_command_takes_effect() -> None:
+    """`gpushare sim create … --log-level WARNING` vs DEBUG: what reaches stderr changes."""
+    loud = subprocess.run(
+        [sys.executable, "-c", "import logging, sys; from plugin.cli import main;"
+         "sys.exit(main(sys.argv[1:]) or logging.getLogger('gpushare.x').debug('shown'))",
+         "sim", "nodes", "--log-level", "DEBUG", "--log-format", "json"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    [record] = [json.loads(line) for line in loud.stderr.splitlines()]
+    assert (record["level"], record["logger"], record["message"]) == (
+        "DEBUG", "gpushare.x", "shown"
+    )
+    quiet = subprocess.run(
+        [sys.executable, "-c", "import logging, sys; from plugin.cli import main;"
+         "sys.exit(main(sys.argv[1:]) or logging.getLogger('gpushare.x').debug('shown'))",
+         "sim", "nodes", "--log-level", "INFO"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert quiet.stderr == ""
+
+
+def test_json_formatter_fields_and_exception() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.getLogger("gpushare.t").makeRecord(
+            "gpushare.t", logging.ERROR, __file__, 1, "gpu %d lost", (3,), sys.exc_info(),
+            extra={"gpu": 3, "resource": "nvidia.com/gpu"},
+        )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", out["time"])
+    assert {k: out[k] for k in ("level", "logger", "message", "gpu", "resource")} == {
+        "level": "ERROR", "logger": "gpushare.t", "message": "gpu 3 lost", "gpu": 3,
+        "resource": "nvidia.com/gpu",
+    }
+    assert "RuntimeError: boom" in out["exception"]
+    assert "device" not in out
+
+
+def test_sim_kubelet_and_run_in_two_terminals(tmp_path: Path) -> None:
+    """The README's trial: `sim kubelet --dir D` in one process, `run --kubelet-dir D` in
+    another; the stand-in prints the registration and the lists; SIGTERM stops both cleanly."""
+    node = create_state("dgx-a100", tmp_path / "node")
+    config = tmp_path / "config.yaml"
+    config.write_text(time_slicing(4))
+    kubelet_dir = Path(f"/tmp/gs-kub-{os.getpid()}")  # short: unix socket paths
+    standin = gpushare("sim", "kubelet", "--dir", str(kubelet_dir))
+    run = None
+    try:
+        wait_until(lambda: (kubelet_dir / "kubelet.sock").exists(), timeout_s=20)
+        run = gpushare("run", "--node", str(node), "--config", str(config), "--kubelet-dir",
+                       str(kubelet_dir))
+        wait_until(lambda: (kubelet_dir / "gpushare-gpu.sock").exists(), timeout_s=20)
+        subprocess.run([sys.executable, "-m", "plugin.cli", "sim", "inject-xid", "--node",
+                        str(node), "--gpu", "2", "--xid", "79"], cwd=ROOT, env=ENV, check=True,
+                       capture_output=True)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(10) == 0
+    finally:
+        standin.send_signal(signal.SIGTERM)
+        out, err = standin.communicate(timeout=10)
+        if run is not None and run.poll() is None:
+            run.kill()
+    assert standin.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"kubelet stand-in serving {kubelet_dir}/kubelet.sock; Ctrl-C stops it"
+    assert "registered nvidia.com/gpu (endpoint gpushare-gpu.sock)" in lines
+    assert "nvidia.com/gpu: 32 devices, 32 healthy" in lines
+    assert any(line.startswith("nvidia.com/gpu: 32 devices, 28 healthy, 4 unhealthy (GPU-")
+               for line in lines)
+    assert lines[-1] == "kubelet stand-in stopped"
+    assert not (kubelet_dir / "kubelet.sock").exists()
+    kubelet_dir.rmdir()
+
+
+def test_run_says_how_to_create_a_missing_kubelet_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = create_state("dgx-a100", tmp_path / "node")
+    missing = tmp_path / "device-plugins"
+    assert main(["run", "--node", str(node), "--kubelet-dir", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"kubelet directory {missing} does not exist" in err
+    assert "--create-kubelet-dir creates it" in err
+    assert not missing.exists()
+
+
+def test_run_creates_the_kubelet_dir_when_asked(tmp_path: Path) -> None:
+    node = create_state("dgx-a100", tmp_path / "node")
+    kubelet_dir = Path(f"/tmp/gs-new-{os.getpid()}") / "device-plugins"
+    run = gpushare("run", "--node", str(node), "--kubelet-dir", str(kubelet_dir),
+                   "--create-kubelet-dir")
+    try:
+        wait_until(lambda: (kubelet_dir / "gpushare-gpu.sock").exists(), timeout_s=20)
+        assert oct(kubelet_dir.stat().st_mode & 0o777) == "0o750"
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=10)
+        assert run.returncode == 0
+        assert f"created the kubelet directory {kubelet_dir}" in err
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for path in (kubelet_dir, kubelet_dir.parent):
+            if path.exists():
+                path.rmdir()
