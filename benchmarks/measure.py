@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import statistics
 import time
@@ -289,16 +290,17 @@ def allocate_metrics_overhead(calls: int) -> list[Figure]:
         recorded = _allocate_histogram_count(port)
     off_median, on_median = statistics.median(timed["off"]), statistics.median(timed["on"])
     change = (on_median - off_median) / off_median * 100
+    on = Figure.from_samples(
+        "Allocate 1 device, envvar, metrics on (alternating)", f"{NODE} ts x8", "ms",
+        timed["on"], target_text="median +5% of off at most",
+        detail=f"median {change:+.1f}% with metrics on; {recorded:.0f} calls recorded",
+    )  # fmt: skip
     return [
         Figure.from_samples(
             "Allocate 1 device, envvar, metrics off (alternating)", f"{NODE} ts x8", "ms",
             timed["off"],
         ),
-        Figure.from_samples(
-            "Allocate 1 device, envvar, metrics on (alternating)", f"{NODE} ts x8", "ms",
-            timed["on"], target_text="median within 5% of off",
-            detail=f"median {change:+.1f}% with metrics on; {recorded:.0f} calls recorded",
-        ),
+        dataclasses.replace(on, met=change <= 5.0),
     ]  # fmt: skip
 
 

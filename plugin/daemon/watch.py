@@ -222,7 +222,7 @@ class FileWatcher:
         *,
         poll_s: float,
         inotify: bool = True,
-        step_ms: int = 100,
+        step_ms: int = 50,
     ) -> None:
         self.path = path
         self._on_change = on_change
