@@ -159,3 +159,17 @@ def test_labels_path_precedence(
     assert [n for n, p in where.items() if p.exists()] == ([expected] if expected else [])
     daemon.stop()
     assert not any(p.exists() for p in where.values())
+
+
+def test_daemon_publishes_mig_state_and_keeps_it_across_a_reload(
+    started: object, tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    path = tmp_path / "gfd"
+    daemon = started(time_slicing(4), {}, {"labels-file": str(path)})  # type: ignore[operator]
+    daemon.set_mig_state("all-3g.20gb", "success")
+    assert "nvidia.com/mig.config.state=success\n" in path.read_text()
+    daemon.config_path.write_text(time_slicing(8))
+    assert daemon.reload()
+    text = path.read_text()
+    assert "nvidia.com/gpu.replicas=8\n" in text
+    assert "nvidia.com/mig.config=all-3g.20gb\n" in text

@@ -243,3 +243,28 @@ def test_refused_allocate_is_not_counted(daemon: Daemon, kubelet_dir: Path) -> N
             kubelet.allocate_ids("nvidia.com/gpu", [["GPU-nope::0"]])
     found = samples(daemon.metrics.exposition().decode())
     assert value(found, "gpushare_allocations_total", resource="nvidia.com/gpu") == 0
+
+
+def test_connections_beyond_the_limit_are_closed_and_service_recovers(
+    endpoints: Callable,
+) -> None:
+    from plugin.daemon.metrics import MAX_CONNECTIONS
+
+    server, _ = endpoints()
+    port = server.bound[1]
+    idle = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        wait_until(lambda: closed_on(port))  # once the idle ones hold every slot
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_until(lambda: get(port, "/healthz") == (200, "ok\n"))
+
+
+def closed_on(port: int) -> bool:
+    """True when a GET gets its connection closed without an answer."""
+    try:
+        get(port, "/healthz")
+    except (ConnectionError, urllib.error.URLError):
+        return True
+    return False

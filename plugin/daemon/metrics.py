@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -47,6 +47,7 @@ from sharing.errors import ConfigError
 log = logging.getLogger("gpushare.metrics")
 
 DEFAULT_ADDRESS = ":9402"
+MAX_CONNECTIONS = 16  # scrapers and probes served at once
 MIG_RESULTS = ("success", "failed")
 # Allocate handler time (the response built from the Plan in memory), 50 µs to 1 s.
 ALLOCATE_BUCKETS_S = (
@@ -229,12 +230,29 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once (more are closed at once)."""
+
     daemon_threads = True
-    request_queue_size = 16
+    request_queue_size = MAX_CONNECTIONS
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve on a new thread while a slot is free; otherwise close the connection."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MetricsServer:
