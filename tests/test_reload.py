@@ -106,6 +106,18 @@ def test_renamed_resource_is_served_and_the_old_one_stopped(
     assert daemon.plan.names == ("nvidia.com/gpu.shared",)
 
 
+def wait_for_handlers(timeout_s: float = 10.0) -> None:
+    """Wait until run_forever has installed its signal handlers (no event says so: poll).
+
+    The daemon is registered before run_forever starts, so without this a SIGHUP could arrive
+    while the default action, ending the process, still holds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while signal.getsignal(signal.SIGHUP) in (signal.SIG_DFL, None):
+        assert time.monotonic() < deadline, "run_forever installed no signal handlers"
+        time.sleep(0.01)
+
+
 def test_sighup_reloads(
     config: Path, kubelet_dir: Path, tmp_path: Path, kubelet: FakeKubelet
 ) -> None:
@@ -118,6 +130,7 @@ def test_sighup_reloads(
         try:
             kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 32)
             config.write_text(time_slicing(3))
+            wait_for_handlers()
             os.kill(os.getpid(), signal.SIGHUP)
             kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 24)
         except BaseException as err:  # noqa: BLE001 - reported by the test below
