@@ -21,13 +21,18 @@ from tests.test_metrics import wait_until
 from tests.test_reload import time_slicing
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child, read now: with conftest's METRICS_ADDRESS and
+    GFD_OUTPUT_FILE, so a child `gpushare run` binds no port and writes no labels file."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def gpushare(*args: str, **kwargs: object) -> subprocess.Popen[str]:
     """`gpushare ARGS` as a child process (`python -m plugin.cli`), output captured."""
     return subprocess.Popen(
-        [sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=ENV, text=True,
+        [sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=child_env(), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
     )
 
@@ -64,7 +69,7 @@ def test_log_level_after_the_command_takes_effect() -> None:
         [sys.executable, "-c", "import logging, sys; from plugin.cli import main;"
          "sys.exit(main(sys.argv[1:]) or logging.getLogger('gpushare.x').debug('shown'))",
          "sim", "nodes", "--log-level", "DEBUG", "--log-format", "json"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True,
     )  # fmt: skip
     [record] = [json.loads(line) for line in loud.stderr.splitlines()]
     assert (record["level"], record["logger"], record["message"]) == (
@@ -74,7 +79,7 @@ def test_log_level_after_the_command_takes_effect() -> None:
         [sys.executable, "-c", "import logging, sys; from plugin.cli import main;"
          "sys.exit(main(sys.argv[1:]) or logging.getLogger('gpushare.x').debug('shown'))",
          "sim", "nodes", "--log-level", "INFO"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, check=True,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert quiet.stderr == ""
 
@@ -114,8 +119,8 @@ def test_sim_kubelet_and_run_in_two_terminals(tmp_path: Path) -> None:
                        str(kubelet_dir))
         wait_until(lambda: (kubelet_dir / "gpushare-gpu.sock").exists(), timeout_s=20)
         subprocess.run([sys.executable, "-m", "plugin.cli", "sim", "inject-xid", "--node",
-                        str(node), "--gpu", "2", "--xid", "79"], cwd=ROOT, env=ENV, check=True,
-                       capture_output=True)
+                        str(node), "--gpu", "2", "--xid", "79"], cwd=ROOT, env=child_env(),
+                       check=True, capture_output=True)
         run.send_signal(signal.SIGTERM)
         assert run.wait(10) == 0
     finally:
