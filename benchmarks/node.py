@@ -28,7 +28,17 @@ class DaemonUnderTest:
 
     metrics_address = ""  # set before spawn() to serve metrics (off by default: no port clash)
 
-    def __init__(self, node: str, config_text: str, *, stand_in: bool = True) -> None:
+    def __init__(
+        self,
+        node: str,
+        config_text: str,
+        *,
+        stand_in: bool = True,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        self.extra_env = dict(env or {})  # added to this process's environment for the daemon
+        self.extra_args = args  # more `gpushare run` arguments
         self.node = node
         self.root = Path(tempfile.mkdtemp(prefix="gpb-", dir="/tmp"))
         self.kubelet_dir = self.root / "k"
@@ -50,10 +60,11 @@ class DaemonUnderTest:
             "--kubelet-dir", str(self.kubelet_dir),
             "--metrics-address", self.metrics_address,
             "--labels-file", str(self.root / "gfd"),
+            *self.extra_args,
         ]  # fmt: skip
         # The checkout first, whatever PYTHONPATH held after it (the dependencies may live there).
         kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *kept])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *kept]), **self.extra_env}
         log = self.log_path.open("ab")
         started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=REPO)
@@ -82,9 +93,13 @@ class DaemonUnderTest:
         assert self.kubelet is not None
         return self.kubelet
 
+    def socket(self, resource_suffix: str) -> Path:
+        """The plugin server's socket of a resource (`gpu` for nvidia.com/gpu)."""
+        return self.kubelet_dir / f"gpushare-{resource_suffix}.sock"
+
     def stub(self, resource_suffix: str) -> pb_grpc.DevicePluginStub:
         """A client of the plugin server, like the kubelet's connection to it."""
-        channel = grpc.insecure_channel(f"unix://{self.kubelet_dir}/gpushare-{resource_suffix}.sock")
+        channel = grpc.insecure_channel(f"unix://{self.socket(resource_suffix)}")
         self._channels.append(channel)
         return pb_grpc.DevicePluginStub(channel)
 

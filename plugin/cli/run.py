@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mps_daemon import COMPUTE_MODE_POLICIES, MANAGE_COMPUTE_MODE
 from plugin.api import DEFAULT_KUBELET_DIR
+from plugin.cli.affinity import parse_cpu_list, pin_process
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
 from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
 from plugin.daemon.metrics import DEFAULT_ADDRESS
@@ -101,6 +102,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " compute modes, for nodes where the operator sets them (and shared test GPUs)"
         f" [env {MPS_COMPUTE_MODE_ENV}]",
     )
+    run.add_argument(
+        "--cpu-affinity",
+        metavar="CPUS",
+        type=parse_cpu_list,
+        help="run every thread of the daemon on these CPUs (a Linux CPU list: 1, 0,2, 2-3);"
+        " keeping gRPC's per-call thread hand-offs on one CPU lowers the time per Allocate"
+        " (default: the CPUs the process was started with)",
+    )
     add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
@@ -135,6 +144,8 @@ def run_command(args: argparse.Namespace) -> int:
     if metrics is None:
         metrics = env.get(METRICS_ADDRESS_ENV, DEFAULT_ADDRESS)
     try:
+        if args.cpu_affinity:
+            pin_process(args.cpu_affinity)
         if args.create_kubelet_dir and not args.kubelet_dir.is_dir():
             args.kubelet_dir.mkdir(mode=0o750, parents=True)
             log.info("created the kubelet directory %s", args.kubelet_dir)
