@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -33,14 +34,28 @@ def _suites(quick: bool) -> dict[str, tuple]:
     }
 
 
+def _machine(before: tuple[float, ...], after: tuple[float, ...]) -> dict:
+    """CPU count and 1-minute load average at start and end: other work skews the figures."""
+    cpus = len(os.sched_getaffinity(0))
+    load = {"start": round(before[0], 2), "end": round(after[0], 2)}
+    text = (
+        f"machine: {cpus} CPUs ({platform.processor() or platform.machine()}), Python "
+        f"{platform.python_version()}; 1-minute load average {load['start']:.2f} at start, "
+        f"{load['end']:.2f} at end"
+    )
+    return {"cpus": cpus, "load": load, "text": text}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks (default: all)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Measure gpushare: Allocate latency over the unix socket, preferred "
-        "allocation, build_plan, read_inventory, health propagation, re-registration, cold "
-        "start, resident memory, config reload, idle CPU, MIG plan and MIG apply, on simulated "
-        "nodes. Prints a table and writes JSON.",
+        description="Measure gpushare: pod admission (GetPreferredAllocation, Allocate) over "
+        "the unix socket through a kubelet-style Go client, against a minimal Go device plugin "
+        "(Python client and no baseline where Go is missing), preferred allocation, build_plan, "
+        "read_inventory, health propagation, re-registration, cold start, resident memory, "
+        "config reload, idle CPU, MIG plan and MIG apply, on simulated nodes. "
+        "Prints a table and writes JSON.",
     )
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
@@ -53,17 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(suites)}")
     figures: list[Figure] = []
+    load_before = os.getloadavg()
     for name, (fn, runs) in suites.items():
         if args.only and name not in args.only:
             continue
         t0 = time.monotonic()
         figures += fn(runs)
         print(f"[{name}] done in {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+    machine = _machine(load_before, os.getloadavg())
+    print(machine["text"])
     print(render_table(figures))
     for f in figures:
         if f.detail:
             print(f"  {f.name}: {f.detail}")
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "quick": args.quick}
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "quick": args.quick,
+        "cpus": machine["cpus"],
+        "load": machine["load"],
+    }
     write_json(figures, args.json, meta)
     print(f"\nwrote {args.json}")
     print(json.dumps({"missed": [f.name for f in figures if f.met is False]}))

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import statistics
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import kubelet_client
 from benchmarks.node import DaemonUnderTest
 from benchmarks.stats import Figure
 from benchmarks.synthetic import synthetic_inventory, time_slicing_config
@@ -24,6 +28,24 @@ from sharing.plan import build_plan
 
 NODE = "dgx-a100"
 GPU = "nvidia.com/gpu"
+GPUSHARE = "gpushare"
+BASELINE = "Go baseline"
+GRPCIO = "grpcio baseline"  # the same minimal plugin on grpcio: the floor under gpushare
+ALTERNATING_RUNS = 3
+RATIO_TARGET = 2.0  # median Allocate, gpushare / Go baseline
+# The client (the kubelet's part) runs on one CPU and the plugins wherever the kernel puts them:
+# on a node the kubelet has cores of its own, and on a 2-CPU machine a client free to move
+# lands on the plugin's CPU and the two take turns. Both plugins see the same placement.
+CLIENT_ON_ONE_CPU = True
+ALLOCATE_TARGET: dict = {"target_median": 0.5, "target_p99": 2.0, "target_text": "median<0.5 p99<2"}
+
+# What each client run yields, by row label.
+_QUANTITIES: tuple[tuple[str, Callable[[kubelet_client.Samples], list[float]]], ...] = (
+    ("Allocate", lambda s: s.allocate),
+    ("GetPreferredAllocation", lambda s: s.preferred),
+    ("admission (preferred + Allocate)", lambda s: s.admission),
+    ("empty RPC", lambda s: s.empty),
+)
 
 
 def ts_config(replicas: int, strategies: str = "envvar", extra: str = "") -> str:
@@ -52,37 +74,127 @@ def _timed(fn: Callable[[], object], runs: int) -> list[float]:
 
 
 def allocate_latency(calls: int) -> list[Figure]:
-    """Allocate over the unix socket: 1 GPU and 8 replicas, envvar and CDI strategies."""
-    figures = []
-    for label, strategies in (("envvar", "envvar"), ("CDI", "cdi-annotations, cdi-cri")):
-        with DaemonUnderTest(NODE, ts_config(8, strategies)) as node:
-            stub = node.stub("gpu")
-            ids = node.serve([GPU]).latest(GPU).healthy_ids  # type: ignore[union-attr]
-            one = convert.to_pb_allocate_request([[ids[0]]])
-            eight = convert.to_pb_allocate_request([ids[:8]])
-            for size, request in (("1 device", one), ("8 replicas", eight)):
-                call = partial(stub.Allocate, request, timeout=5)
-                _timed(call, 200)  # warm-up
-                samples = _timed(call, calls)
-                figures.append(
-                    Figure.from_samples(
-                        f"Allocate {size}, {label}", f"{NODE} ts x8", "ms", samples,
-                        target_median=0.5, target_p99=2.0, target_text="median<0.5 p99<2",
-                    )
-                )  # fmt: skip
-            if label == "envvar":
-                figures.append(_transport_floor(stub, calls))
+    """Pod admission over the unix socket as the kubelet makes it, against the Go baseline.
+
+    With Go: the kubelet-style Go client admits containers (GetPreferredAllocation, then
+    Allocate) on gpushare, on gpushare pinned to one CPU (--cpu-affinity), on the minimal plugin
+    written on grpcio and on the minimal Go plugin, in turn, ALTERNATING_RUNS times; then
+    gpushare alone with 8 replicas and with CDI.
+    Without Go: the same calls from a Python client, gpushare only, and the rows say so.
+    Then, either way, Allocate with metrics off and on (allocate_metrics_overhead).
+    """
+    tools = kubelet_client.go_tools()
+    if isinstance(tools, str):
+        print(f"[allocate] Python client: {tools}", file=sys.stderr, flush=True)
+        figures = _allocate_python_client(calls, tools)
+    else:
+        figures = _allocate_against_baseline(tools, calls) + _allocate_variants(tools, calls)
     return figures + allocate_metrics_overhead(calls)
 
 
-def _transport_floor(stub: object, calls: int) -> Figure:
-    """GetDevicePluginOptions on the same socket: the gRPC round trip with no work in it."""
-    call = partial(stub.GetDevicePluginOptions, convert.empty(), timeout=5)  # type: ignore[attr-defined]
-    _timed(call, 200)
-    return Figure.from_samples(
-        "empty RPC on the same socket (transport floor)", f"{NODE} ts x8", "ms",
-        _timed(call, calls),
+def _placement() -> tuple[set[int] | None, int | None]:
+    """The client's CPUs and the CPU of the pinned daemon: first and last, with two or more."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2 or not CLIENT_ON_ONE_CPU:
+        return None, None
+    return {allowed[0]}, allowed[-1]
+
+
+def _allocate_against_baseline(tools: kubelet_client.GoTools, calls: int) -> list[Figure]:
+    """gpushare (as started, and pinned to one CPU), the grpcio and the Go baselines, in turn."""
+    client_cpus, daemon_cpu = _placement()
+    pinned = f"{GPUSHARE} --cpu-affinity {daemon_cpu}"
+    with ExitStack() as stack:
+        node = stack.enter_context(DaemonUnderTest(NODE, ts_config(8)))
+        node.serve([GPU])
+        sockets = {GPUSHARE: node.socket("gpu")}
+        if daemon_cpu is not None:
+            args = ("--cpu-affinity", str(daemon_cpu))
+            pinned_node = stack.enter_context(DaemonUnderTest(NODE, ts_config(8), args=args))
+            pinned_node.serve([GPU])
+            sockets[pinned] = pinned_node.socket("gpu")
+        sockets[GRPCIO] = stack.enter_context(kubelet_client.grpcio_baseline()).socket
+        sockets[BASELINE] = stack.enter_context(kubelet_client.go_baseline(tools)).socket
+        names = list(sockets)
+        runs: dict[str, list[kubelet_client.Samples]] = {name: [] for name in names}
+        for run in range(ALTERNATING_RUNS):
+            for name in names[run % len(names) :] + names[: run % len(names)]:
+                runs[name].append(
+                    kubelet_client.go_client(tools, sockets[name], calls, cpus=client_cpus)
+                )
+    figures = []
+    for label, pick in _QUANTITIES:
+        for name in names:
+            samples = [x for r in runs[name] for x in pick(r)]
+            gpushare = name not in (GRPCIO, BASELINE)
+            node_text = f"Go client -> {NODE} ts x8" if gpushare else "Go client -> 64 IDs"
+            target = ALLOCATE_TARGET if label == "Allocate" and gpushare else {}
+            figures.append(
+                Figure.from_samples(f"{label}: {name}", node_text, "ms", samples, **target)
+            )
+    for name in names[:-1]:
+        for label, pick in _QUANTITIES:
+            ratios = [
+                statistics.median(pick(g)) / statistics.median(pick(b))
+                for g, b in zip(runs[name], runs[BASELINE], strict=True)
+            ]
+            target = RATIO_TARGET if label == "Allocate" and name != GRPCIO else None
+            figures.append(_ratio_figure(f"{label}: median ratio {name} / Go baseline", ratios,
+                                         target))  # fmt: skip
+    return figures
+
+
+def _ratio_figure(name: str, ratios: list[float], target: float | None) -> Figure:
+    """The median of per-run ratios; met when it is at most `target`."""
+    median = statistics.median(ratios)
+    per_run = ", ".join(f"{r:.2f}" for r in ratios)
+    return Figure(
+        name, "alternating runs", "x", len(ratios), median, max(ratios),
+        target=f"<={target:g}" if target else "",
+        met=None if target is None else median <= target,
+        detail=f"per run {per_run}",
     )  # fmt: skip
+
+
+def _allocate_variants(tools: kubelet_client.GoTools, calls: int) -> list[Figure]:
+    """gpushare alone: 8 replicas per container, and the CDI strategies, via the Go client."""
+    figures = []
+    cpus, _ = _placement()
+    for label, strategies in (("envvar", "envvar"), ("CDI", "cdi-annotations, cdi-cri")):
+        with DaemonUnderTest(NODE, ts_config(8, strategies)) as node:
+            node.serve([GPU])
+            for size in (1, 8) if label == "CDI" else (8,):
+                samples = kubelet_client.go_client(
+                    tools, node.socket("gpu"), calls, size=size, cpus=cpus
+                ).allocate
+                what = "1 device" if size == 1 else f"{size} replicas"
+                figures.append(
+                    Figure.from_samples(
+                        f"Allocate {what}, {label}: gpushare", f"Go client -> {NODE} ts x8", "ms",
+                        samples, **ALLOCATE_TARGET,
+                    )
+                )  # fmt: skip
+    return figures
+
+
+def _allocate_python_client(calls: int, reason: str) -> list[Figure]:
+    """gpushare through the Python client: no Go, so no Go client and no baseline."""
+    figures = []
+    suffix = f"gpushare (Python client, no Go baseline: {reason})"
+    with DaemonUnderTest(NODE, ts_config(8)) as node:
+        node.serve([GPU])
+        runs = [
+            kubelet_client.python_client(node.socket("gpu"), calls)
+            for _ in range(ALTERNATING_RUNS)
+        ]
+    for label, pick in _QUANTITIES:
+        samples = [x for r in runs for x in pick(r)]
+        node_text = f"Python client -> {NODE} ts x8"
+        target = ALLOCATE_TARGET if label == "Allocate" else {}
+        figures.append(
+            Figure.from_samples(f"{label}: {suffix}", node_text, "ms", samples, **target)
+        )
+    return figures
 
 
 def preferred(runs: int) -> list[Figure]:
