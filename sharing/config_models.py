@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from sharing.cron import cron_trigger
+
 DEFAULT_PREFIX = "nvidia.com"
 MAX_RESOURCE_NAME = 63
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
@@ -36,6 +38,7 @@ _MIG_INDEX = re.compile(r"\d+:\d+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _MEMORY = re.compile(r"(\d+)([MG])")
+MAX_MIG_CONFIG_NAME = 128
 
 
 class FieldIssue(ValueError):
@@ -324,6 +327,57 @@ class Health(StrictModel):
     probe_interval_s: DurationS = Field(10.0, alias="probeInterval")
 
 
+def cron_expression(value: object) -> str:
+    """Check a `schedule[].cron` expression (crontab meaning; 5 fields, or 6 with seconds)."""
+    cron_trigger(value, timezone="UTC")  # type: ignore[arg-type]
+    return " ".join(str(value).split())
+
+
+def mig_config_name(value: object) -> str:
+    """Check the name of a mig-parted config (a key of `mig-configs`)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be the name of a mig-parted config, got {_quote(value)}")
+    if len(value) > MAX_MIG_CONFIG_NAME or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(
+            f"must be a mig-parted config name of at most {MAX_MIG_CONFIG_NAME} printable"
+            f" characters without spaces, got {_quote(value[:MAX_MIG_CONFIG_NAME])}"
+        )
+    return value
+
+
+CronExpression = Annotated[str, BeforeValidator(cron_expression)]
+MigConfigName = Annotated[str, BeforeValidator(mig_config_name)]
+
+
+class MigScheduleEntry(StrictModel):
+    """One `migReconfiguration.schedule[]` entry: when (cron), and which mig-parted config."""
+
+    cron: CronExpression
+    config: MigConfigName
+
+
+class MigReconfiguration(StrictModel):
+    """`migReconfiguration` (gpushare extension): MIG reconfiguration jobs run by the daemon.
+
+    `configFile` is the mig-parted `version: v1` file the jobs read; `schedule` fires jobs by
+    cron; a job waits up to `drainTimeout` for compute processes to leave the GPUs it changes,
+    and with `killProcesses` kills the ones still there instead of failing.
+    """
+
+    config_file: StrictStr | None = None
+    schedule: tuple[MigScheduleEntry, ...] = ()
+    drain_timeout_s: DurationS = Field(300.0, alias="drainTimeout", le=86400.0)
+    kill_processes: StrictBool = False
+
+    @model_validator(mode="after")
+    def _schedule_needs_file(self) -> MigReconfiguration:
+        if self.schedule and not self.config_file:
+            raise ValueError(
+                "schedule needs configFile: the mig-parted file whose configs the entries name"
+            )
+        return self
+
+
 class Config(StrictModel):
     """A whole config file (`version: v1`)."""
 
@@ -333,3 +387,4 @@ class Config(StrictModel):
     sharing: Sharing = Sharing()
     imex: Imex = Imex()
     health: Health = Health()
+    mig_reconfiguration: MigReconfiguration = MigReconfiguration()

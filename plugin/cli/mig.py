@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from plugin.cli.mig_client import add_client_commands
 from sharing.errors import (
     ConfigError,
     MigApplyRefused,
@@ -50,6 +51,8 @@ Partition MIG GPUs (A100, A30, H100, H200) from NVIDIA mig-parted `version: v1` 
   gpushare mig apply  -f mig.yaml -c all-balanced     apply it (journalled, resumable)
   gpushare mig assert -f mig.yaml -c all-balanced     exit 0 when applied, 1 with the differences
   gpushare mig export > current.yaml                  the current layout as a mig-parted file
+  gpushare mig reconfigure -c all-balanced --wait     the running daemon does it as a job
+  gpushare mig status                                 the daemon's jobs and schedule
 
 Every selected GPU is checked against its own profile list (a profile name means different
 things on different cards) and placed before anything is touched; GPUs already in the layout
@@ -130,6 +133,7 @@ def _add_assert_and_export(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--name", default="current", help="config name (default: current)")
     _node_arg(export)
     export.set_defaults(func=_export)
+    add_client_commands(sub)  # reconfigure, status: requests to the running daemon
 
 
 def _node_arg(parser: argparse.ArgumentParser) -> None:

@@ -14,12 +14,15 @@ from plugin.api import DEFAULT_KUBELET_DIR
 from plugin.cli.affinity import parse_cpu_list, pin_process
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
 from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
+from plugin.daemon.control import DEFAULT_CONTROL_SOCKET
 from plugin.daemon.metrics import DEFAULT_ADDRESS
+from plugin.daemon.mig_history import DEFAULT_STATE_DIR
 from sharing.errors import ConfigError, SharingError
 
 log = logging.getLogger("gpushare.daemon")
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 MPS_COMPUTE_MODE_ENV = "MPS_COMPUTE_MODE"
 METRICS_ADDRESS_ENV = "METRICS_ADDRESS"
 
@@ -110,6 +113,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " keeping gRPC's per-call thread hand-offs on one CPU lowers the time per Allocate"
         " (default: the CPUs the process was started with)",
     )
+    run.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="unix socket (mode 0600; its directory is created 0700) on which `gpushare mig"
+        f" reconfigure|status` reach the daemon (default {DEFAULT_CONTROL_SOCKET}; with --node"
+        " DIR, DIR/host/run/gpushare/control.sock; an empty value turns it off)",
+    )
+    run.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        type=Path,
+        help="where MIG reconfiguration jobs keep their journal and history (default"
+        f" {DEFAULT_STATE_DIR}; with --node DIR, DIR/host/var/lib/gpushare; created 0700)",
+    )
     add_override_arguments(run)
     run.set_defaults(func=run_command)
     _register_demo(subparsers)
@@ -130,6 +147,10 @@ def _register_demo(subparsers: argparse._SubParsersAction) -> None:
                       help="config file (default: time-slicing with 4 replicas per GPU)")
     demo.add_argument("--keep", action="store_true",
                       help="keep the temporary directory (sockets, simulator state, config)")
+    demo.add_argument("--mig", action="store_true",
+                      help="the MIG walkthrough instead: reconfiguration jobs requested, blocked"
+                      " by a workload and fired by a schedule, swapping the advertised MIG"
+                      " resources without a restart")
     demo.set_defaults(func=demo_command)
 
 
@@ -149,10 +170,11 @@ def run_command(args: argparse.Namespace) -> int:
         if args.create_kubelet_dir and not args.kubelet_dir.is_dir():
             args.kubelet_dir.mkdir(mode=0o750, parents=True)
             log.info("created the kubelet directory %s", args.kubelet_dir)
+        nvml_lib = nvml.load_library(args.node)
         daemon = Daemon(
             config_path=Path(path) if path else None,
             kubelet_dir=args.kubelet_dir,
-            nvml_lib=nvml.load_library(args.node),
+            nvml_lib=nvml_lib,
             env=env,
             overrides=overrides_from_args(args),
             mps_control=args.mps_control,
@@ -161,6 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
             metrics_address=metrics or None,
             node_labels=True,
         )
+        _add_mig_jobs(daemon, args, nvml_lib)
         return daemon.run_forever()
     except (SharingError, OSError) as err:
         print(f"gpushare run: {err}", file=sys.stderr)
@@ -183,8 +206,31 @@ def mps_compute_mode(flag: str | None, env: Mapping[str, str]) -> str:
     return value
 
 
+def _add_mig_jobs(daemon: object, args: argparse.Namespace, nvml_lib: object) -> None:
+    """MIG reconfiguration jobs: --state-dir, --control-socket (an empty value: no socket)."""
+    from plugin.daemon.mig_wiring import add_mig_jobs, default_locations
+
+    socket = args.control_socket
+    default_state, default_socket = default_locations(nvml_lib)
+    add_mig_jobs(
+        daemon,
+        state_dir=args.state_dir or default_state,
+        control_socket=Path(socket or default_socket) if socket != "" else None,
+        nvml_lib=nvml_lib,
+        default_state_dir=args.state_dir is None,
+        default_socket=socket is None,
+    )
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo walkthrough."""
+    if args.mig:
+        if args.config is not None:
+            print("gpushare demo: --mig brings its own config; drop --config", file=sys.stderr)
+            return EXIT_USAGE
+        from plugin.cli.demo_mig import run_mig_demo
+
+        return run_mig_demo(node=args.node, keep=args.keep)
     from plugin.cli.demo import run_demo
 
     return run_demo(node=args.node, config=args.config, keep=args.keep)

@@ -11,6 +11,7 @@ node labels file are composed in from `observe`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,8 @@ class Component(Protocol):
 
 
 PlanListener = Callable[[Plan, Inventory], None]
+LabelSource = Callable[[], Sequence[tuple[str, str]]]
+StartupHook = Callable[[Nvml | None], None]
 
 
 class Daemon:
@@ -89,12 +92,17 @@ class Daemon:
         self._mps_control = mps_control
         self._mps_compute_mode = mps_compute_mode
         self.mps_supervisor: Any = None
+        self.mig_jobs: Any = None  # plugin.daemon.mig_jobs.MigJobRunner, when added
         self._servers: dict[str, PluginServer] = {}
         self._restart_errors: dict[str, str] = {}  # resource -> last restart error logged
         self._allocators: dict[str, ResourceAllocator] = {}
         self._lock = threading.RLock()
         self._components: list[Component] = []
         self._listeners: list[PlanListener] = []
+        self._label_sources: list[LabelSource] = []
+        self._startup_hooks: list[StartupHook] = []
+        self._overlays: dict[str, dict[str, str]] = {}  # source -> its part of the overlay
+        self._overlay_lock = threading.Lock()
         self._exit = contextlib.ExitStack()
         self._started = False
         self._stopping = False  # set by stop(): a reload still in flight then serves nothing
@@ -168,9 +176,36 @@ class Daemon:
         if self._started and self.inventory is not None:
             listener(self.plan, self.inventory)
 
-    def set_health_overlay(self, overlay: Mapping[str, str]) -> None:
-        """Publish a new health overlay (physical ID, GPU UUID or `mps:<resource>` -> reason)."""
-        self.state.set_overlay(overlay)
+    def set_health_overlay(self, overlay: Mapping[str, str], *, source: str = "health") -> None:
+        """Publish one source's health overlay (physical ID, GPU UUID or `mps:<resource>` ->
+        reason); the kubelet sees the union of every source's (the first reason of a key wins).
+        """
+        with self._overlay_lock:
+            self._overlays[source] = dict(overlay)
+            merged: dict[str, str] = {}
+            for part in self._overlays.values():
+                for key, reason in part.items():
+                    merged.setdefault(key, reason)
+            self.state.set_overlay(merged)
+
+    def add_label_source(self, source: LabelSource) -> None:
+        """Add node labels to every Plan built from now on (e.g. the MIG job state)."""
+        self._label_sources.append(source)
+
+    def add_startup_hook(self, hook: StartupHook) -> None:
+        """Call `hook(nvml)` in start(), after the NVML session opens and before serving."""
+        self._startup_hooks.append(hook)
+
+    def refresh_labels(self) -> None:
+        """Apply the current Plan again with the label sources read anew (listeners hear it)."""
+        with self._lock:
+            if not self._started or self.inventory is None or self.config is None:
+                return
+            self._reload_seq += 1
+            seq = self._reload_seq
+            plan = self._with_source_labels(self.plan)
+            inventory, config = self.inventory, self.config
+        self._apply(plan, inventory, config=config, seq=seq, cdi=None)  # devices unchanged
 
     def socket_names(self) -> dict[str, str]:
         """Socket file name of each served resource."""
@@ -207,6 +242,8 @@ class Daemon:
                 raise
             log.error("NVML unavailable (%s); failOnInitError is false: serving nothing", err)
         try:
+            for hook in self._startup_hooks:
+                hook(self.nvml)
             plan, inventory = self._build(config)
             self._apply(plan, inventory, config=config, seq=0, cdi=self._cdi_for(plan, config))
             monitor = self._add_health_monitor(config)
@@ -338,7 +375,17 @@ class Daemon:
         if self.nvml is None:
             return Plan(resources=()), Inventory(gpus=())
         inventory = read_inventory(self.nvml)
-        return build_plan_from(inventory, config, self.config_path), inventory
+        plan = build_plan_from(inventory, config, self.config_path)
+        return self._with_source_labels(plan), inventory
+
+    def _with_source_labels(self, plan: Plan) -> Plan:
+        """The plan with the label sources' labels in place of any earlier values of them."""
+        extra = [label for source in self._label_sources for label in source()]
+        if not extra:
+            return plan
+        keys = {key for key, _ in extra}
+        kept = tuple(label for label in plan.labels if label[0] not in keys)
+        return dataclasses.replace(plan, labels=kept + tuple(extra))
 
     def _cdi_for(self, plan: Plan, config: Config) -> CdiUpdate | None:
         """The CDI spec that goes with `plan` (may run nvidia-ctk: never under the lock)."""
@@ -439,4 +486,4 @@ class Daemon:
                  extra={"resource": name})
 
 
-__all__ = ["Component", "Daemon", "PlanListener"]
+__all__ = ["Component", "Daemon", "LabelSource", "PlanListener", "StartupHook"]

@@ -71,6 +71,7 @@ class _Plugin:
     stub: pb_grpc.DevicePluginStub
     stream: grpc.Future | None = None
     lists: list[DeviceList] = field(default_factory=list)
+    ended: bool = False  # its ListAndWatch stream ended (the plugin stopped serving)
 
 
 def _from_pb(message: pb.ListAndWatchResponse) -> tuple[DeviceState, ...]:
@@ -166,6 +167,9 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
             log.debug("ListAndWatch of %s ended: %s", name, err.code().name)
         except ValueError:  # the channel was closed (a newer registration) before the call
             log.debug("ListAndWatch of %s not opened: channel closed", name)
+        with self._cond:
+            plugin.ended = True
+            self._cond.notify_all()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -222,6 +226,11 @@ class KubeletStandIn(pb_grpc.RegistrationServicer):
         """Registered resource names, in registration order."""
         with self._cond:
             return list(self._plugins)
+
+    def streaming(self) -> list[str]:
+        """Resources whose plugin's ListAndWatch stream is open, in registration order."""
+        with self._cond:
+            return [name for name, plugin in self._plugins.items() if not plugin.ended]
 
     def registrations_of(self, resource_name: str) -> list[Registration]:
         """Every registration of this resource, oldest first."""

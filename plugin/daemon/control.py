@@ -1,0 +1,304 @@
+"""The control socket: `gpushare mig reconfigure|status` talk to the running daemon over it.
+
+A unix stream socket (mode 0600, so only the daemon's user connects; its directory is created
+0700 when missing). The protocol is newline-delimited JSON, one exchange per connection:
+
+    client -> {"op": "<name>", ...}\\n
+    daemon -> {"event": ...}\\n   (zero or more progress lines, e.g. while a job runs)
+    daemon -> {"ok": true, ...}\\n  or  {"ok": false, "error": "<one line>"}\\n
+
+Every read is bounded: a request line of at most MAX_REQUEST_BYTES, read within
+REQUEST_TIMEOUT_S, at most MAX_CONNECTIONS exchanges at once. A bad request (not JSON, too big,
+unknown op, a handler's ControlError) gets `ok: false` with a clear message; a handler that
+fails unexpectedly is logged and answered the same way. The daemon stays up either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("gpushare.control")
+
+DEFAULT_CONTROL_SOCKET = "/run/gpushare/control.sock"
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request carries a mig-parted file of up to 1 MiB
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+REQUEST_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 16
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+ACCEPT_POLL_S = 0.2
+
+Message = dict[str, Any]
+Emit = Callable[[Message], None]
+Handler = Callable[[Message, Emit], Message]
+
+
+class ControlError(Exception):
+    """A request the daemon refuses; the message is sent to the client as is."""
+
+
+class ControlUnavailable(ControlError):
+    """The client could not reach the daemon, or the daemon went away mid-answer."""
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def _read_line(sock: socket.socket, limit: int) -> bytes:
+    """Bytes up to the first newline (excluded); ControlError past `limit` or at EOF first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ControlError("connection closed before a full line arrived")
+        end = chunk.find(b"\n")
+        part = chunk if end < 0 else chunk[:end]
+        size += len(part)
+        if size > limit:
+            raise ControlError(f"message longer than {limit} bytes")
+        chunks.append(part)
+        if end >= 0:
+            return b"".join(chunks)
+
+
+def _decode(line: bytes) -> Message:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ControlError(f"not a JSON line: {err}") from None
+    if not isinstance(message, dict):
+        raise ControlError(f"a message must be a JSON object, got {type(message).__name__}")
+    return message
+
+
+def check_socket_path(path: Path) -> None:
+    """Raise OSError when `path` cannot be a unix socket path (too long for sun_path)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise OSError(
+            f"control socket path {path} is {len(os.fsencode(path))} bytes; "
+            f"unix socket paths are limited to {MAX_SOCKET_PATH}"
+        )
+
+
+class ControlServer:
+    """Serves the control socket on its own threads; a daemon Component (start/stop)."""
+
+    def __init__(
+        self, path: Path, handlers: Mapping[str, Handler], *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        self.path = Path(path)
+        self._handlers = dict(handlers)
+        self._timeout_s = request_timeout_s
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def start(self) -> None:
+        """Bind the socket (0600; directory 0700 when created) and accept on a thread.
+
+        Raises:
+            OSError: the path is too long, not a socket, or another daemon answers on it.
+        """
+        check_socket_path(self.path)
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._bind_private(sock)
+        except OSError:
+            sock.close()
+            raise
+        self._inode = os.stat(self.path).st_ino
+        sock.listen(MAX_CONNECTIONS)
+        sock.settimeout(ACCEPT_POLL_S)
+        self._sock = sock
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._thread.start()
+        log.info("control socket listening on %s", self.path)
+
+    def stop(self) -> None:
+        """Stop accepting and remove our socket file; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * ACCEPT_POLL_S + 1)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        with contextlib.suppress(OSError):
+            if self._inode is not None and os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        self._inode = None
+
+    def _bind_private(self, sock: socket.socket) -> None:
+        """Bind in a fresh 0700 directory, make the socket 0600, then rename it into place.
+
+        So the socket is never reachable with wider permissions, without touching the
+        process-wide umask (other threads create files and directories meanwhile).
+        """
+        private = Path(tempfile.mkdtemp(prefix=".c", dir=self.path.parent))
+        try:
+            temporary = private / "s"
+            check_socket_path(temporary)
+            sock.bind(str(temporary))
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(private / "s")
+            os.rmdir(private)
+
+    def _remove_stale(self) -> None:
+        """Remove a socket left by a daemon that died; refuse a live one or a non-socket."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise OSError(f"control socket path {self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            os.unlink(self.path)  # nobody listens: left behind by a daemon that died
+            return
+        finally:
+            probe.close()
+        raise OSError(f"another process is serving the control socket {self.path}")
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        listener = self._sock
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                log.exception("control socket accept failed")
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn, f"busy: {MAX_CONNECTIONS} requests are in progress")
+                continue
+            threading.Thread(
+                target=self._serve_one, args=(conn,), name="control-request", daemon=True
+            ).start()
+
+    def _refuse(self, conn: socket.socket, error: str) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(self._timeout_s)
+            conn.sendall(_encode({"ok": False, "error": error}))
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        """One exchange: read the request, run its handler, send events and the answer."""
+        try:
+            with conn:
+                conn.settimeout(self._timeout_s)
+                try:
+                    request = _decode(_read_line(conn, MAX_REQUEST_BYTES))
+                except TimeoutError:
+                    answer: Message = {"ok": False, "error": "no complete request line in time"}
+                except ControlError as err:
+                    answer = {"ok": False, "error": f"bad request: {err}"}
+                else:
+                    conn.settimeout(None)  # a waiting job answers when it ends
+                    answer = self._dispatch(request, lambda event: conn.sendall(_encode(event)))
+                conn.settimeout(self._timeout_s)
+                conn.sendall(_encode(answer))
+        except OSError as err:
+            log.debug("control client went away: %s", err)
+        finally:
+            self._slots.release()
+
+    def _dispatch(self, request: Message, emit: Emit) -> Message:
+        op = request.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            known = ", ".join(sorted(self._handlers))
+            shown = json.dumps(op)[:64]
+            return {"ok": False, "error": f"bad request: unknown op {shown}; known: {known}"}
+        try:
+            answer = handler(request, emit)
+        except ControlError as err:
+            return {"ok": False, "error": str(err)}
+        except OSError:
+            raise  # the client went away while events were sent
+        except Exception as err:  # noqa: BLE001 (a failed request must not take the daemon down)
+            log.exception("control request %s failed", op)
+            return {"ok": False, "error": f"internal error while handling {op}: {err}"}
+        return {"ok": True, **answer}
+
+
+def call(
+    path: str | Path,
+    request: Mapping[str, Any],
+    *,
+    on_event: Callable[[Message], None] | None = None,
+    timeout_s: float | None = 30.0,
+) -> Message:
+    """Send one request to the daemon and return its final answer (`ok` true or false).
+
+    Progress events go to `on_event`. `timeout_s` bounds each wait for a line (None: no bound).
+
+    Raises:
+        ControlUnavailable: no daemon answers on `path`, or it closed before answering.
+        ControlError: the answer is not a JSON line or is too long.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    with sock:
+        try:
+            sock.connect(str(path))
+        except OSError as err:
+            raise ControlUnavailable(
+                f"cannot reach the gpushare daemon at {path}: {err.strerror or err} (is "
+                "`gpushare run` running with this --control-socket, and are you its user?)"
+            ) from None
+        try:
+            sock.sendall(_encode(request))
+            stream = sock.makefile("rb")
+            while True:
+                line = stream.readline(MAX_RESPONSE_BYTES + 1)
+                if not line:
+                    raise ControlUnavailable(f"the daemon at {path} closed without answering")
+                if len(line) > MAX_RESPONSE_BYTES:
+                    raise ControlError(f"answer longer than {MAX_RESPONSE_BYTES} bytes")
+                message = _decode(line)
+                if "ok" in message:
+                    return message
+                if on_event is not None:
+                    on_event(message)
+        except TimeoutError:
+            raise ControlUnavailable(f"the daemon at {path} did not answer in time") from None
+        except OSError as err:
+            raise ControlUnavailable(f"lost the connection to {path}: {err}") from None
+
+
+__all__ = [
+    "DEFAULT_CONTROL_SOCKET",
+    "ControlError",
+    "ControlServer",
+    "ControlUnavailable",
+    "Handler",
+    "call",
+    "check_socket_path",
+]

@@ -1,0 +1,157 @@
+"""Draining the GPUs a MIG reconfiguration job changes, before anything is touched.
+
+The served devices on those GPUs go Unhealthy at the kubelet (a health overlay source of their
+physical IDs, so new pods stop landing there and the MIG devices the job creates are Healthy as
+soon as the new Plan serves them); gpushare's own MPS daemons there stop (their MPS servers are
+compute processes, facts §4); then the drain waits until no compute process runs on the GPUs or
+their MIG devices. Past the drain timeout it fails, or with killProcesses terminates the
+processes (SIGTERM, then SIGKILL after a grace period) and waits for them to go. `undo` puts
+devices and MPS daemons back as they were.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+from sharing.devices import Inventory
+from sharing.errors import SharingError
+from sharing.health import mps_key
+from sharing.nvml import Nvml, read_inventory
+from sharing.plan_types import Plan
+
+OVERLAY_SOURCE = "mig-job"
+DRAIN_POLL_S = 0.1
+KILL_GRACE_S = 10.0  # after a signal, how long processes get to vanish
+
+ProcessKiller = Callable[[int, int, bool], None]  # (gpu index, pid, force: SIGKILL)
+Busy = dict[int, tuple[int, ...]]  # GPU index -> compute pids
+
+
+class DrainCancelled(Exception):
+    """The daemon is stopping: the drain ends and the job fails with nothing touched."""
+
+
+class Drain:
+    """The drain of one job's GPUs; `host` is the daemon (overlay, Plan, MPS supervisor)."""
+
+    def __init__(
+        self,
+        host: Any,
+        gpus: Mapping[str, int],
+        *,
+        reason: str,
+        progress: Callable[[str], None],
+        kill: ProcessKiller | None,
+        stopping: threading.Event,
+        poll_s: float = DRAIN_POLL_S,
+        kill_grace_s: float = KILL_GRACE_S,
+    ) -> None:
+        self.host = host
+        self.gpus = dict(gpus)  # GPU UUID -> index
+        self.reason = reason
+        self._progress = progress
+        self._kill = kill
+        self._stopping = stopping
+        self._poll_s = poll_s
+        self._kill_grace_s = kill_grace_s
+
+    def begin(self) -> None:
+        """Mark the GPUs' served devices Unhealthy and stop our MPS daemons on them (every
+        device of such an MPS resource is Unhealthy while its daemon is down)."""
+        plan: Plan = self.host.plan
+        keys = overlay_keys(plan, set(self.gpus))
+        stopped = [r.name for r in plan.resources
+                   if r.mps and set(self.gpus) & set(r.mps.gpu_uuids)]
+        overlay = {k: self.reason for k in keys}
+        overlay.update({mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped})
+        self.host.set_health_overlay(overlay, source=OVERLAY_SOURCE)
+        self._progress(f"{len(keys)} physical devices Unhealthy at the kubelet")
+        supervisor = self.host.mps_supervisor
+        if supervisor is not None and stopped:
+            kept = tuple(r for r in plan.resources if r.name not in stopped)
+            supervisor.update(replace(plan, resources=kept))
+            self._progress(f"stopped the MPS daemons of {', '.join(stopped)}")
+
+    def wait(self, nvml: Nvml, timeout_s: float, kill_processes: bool) -> None:
+        """Wait until the GPUs run no compute process.
+
+        Raises:
+            TimeoutError: processes remain past `timeout_s` (and, when killing, its graces).
+            DrainCancelled: the daemon is stopping.
+            SharingError: NVML failed reading the GPUs (e.g. one was lost).
+        """
+        deadline = time.monotonic() + timeout_s
+        signals = 0  # 1: SIGTERM sent, 2: SIGKILL sent
+        reported: Busy = {}
+        while True:
+            busy = processes(read_inventory(nvml), self.gpus.values())
+            if not busy:
+                return
+            if busy != reported:
+                reported = busy
+                self._progress("waiting for processes: " + describe(busy))
+            if time.monotonic() >= deadline:
+                if not kill_processes or signals == 2 or self._kill is None:
+                    what = "after killing them" if signals else f"after {timeout_s:g} s"
+                    raise TimeoutError(f"processes still running {what}: {describe(busy)}")
+                signals += 1
+                self._signal(busy, force=signals == 2)
+                deadline = time.monotonic() + self._kill_grace_s
+            if self._stopping.wait(self._poll_s):
+                raise DrainCancelled("the daemon is stopping")
+
+    def undo(self) -> None:
+        """Devices Healthy again and the MPS daemons back, as before the drain."""
+        self.end()
+        if self.host.mps_supervisor is not None:
+            self.host.mps_supervisor.update(self.host.plan)
+
+    def end(self) -> None:
+        """Drop the drain's Unhealthy marks (after the new Plan is served)."""
+        self.host.set_health_overlay({}, source=OVERLAY_SOURCE)
+
+    def _signal(self, busy: Busy, force: bool) -> None:
+        assert self._kill is not None
+        how = "killing" if force else "terminating"
+        self._progress(f"drain timeout: {how} " + describe(busy))
+        for index, pids in busy.items():
+            for pid in pids:
+                try:
+                    self._kill(index, pid, force)
+                except (OSError, SharingError) as err:
+                    self._progress(f"{how} process {pid} on GPU {index} failed: {err}")
+
+
+def overlay_keys(plan: Plan, gpu_uuids: set[str]) -> set[str]:
+    """Physical IDs of every served device on these GPUs (full GPUs, MIG devices, replicas)."""
+    return {d.physical_id for r in plan.resources for d in r.devices if d.gpu_uuid in gpu_uuids}
+
+
+def processes(inventory: Inventory, indices: Iterable[int]) -> Busy:
+    """GPU index -> compute pids on it or its MIG devices, for the GPUs that have some."""
+    busy = {}
+    wanted = set(indices)
+    for gpu in inventory.gpus:
+        if gpu.index not in wanted:
+            continue
+        pids = set(gpu.processes).union(*(m.processes for m in gpu.mig_devices))
+        if pids:
+            busy[gpu.index] = tuple(sorted(pids))
+    return busy
+
+
+def describe(busy: Busy) -> str:
+    """`GPU 0: pid 123; GPU 3: pids 7, 9`, at most 8 pids per GPU."""
+    return "; ".join(
+        f"GPU {i}: pid{'s' if len(p) > 1 else ''} {', '.join(map(str, p[:8]))}"
+        + (f" and {len(p) - 8} more" if len(p) > 8 else "")
+        for i, p in sorted(busy.items())
+    )
+
+
+__all__ = ["OVERLAY_SOURCE", "Drain", "DrainCancelled", "ProcessKiller", "describe",
+           "overlay_keys", "processes"]

@@ -1,0 +1,85 @@
+"""The MIG planner and apply engine as the job runner calls them, and reading mig-parted files.
+
+A thin seam over `sharing.mig` (pure planning) and the NVML edge's apply engine
+(`sharing.nvml.mig_apply`), so the runner names one object for planning, applying and rolling
+an interrupted apply forward; every call goes to the real engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from sharing.errors import ConfigError
+from sharing.mig import MigPlan, parse_mig_parted
+from sharing.nvml import Nvml
+from sharing.nvml.mig_apply import ApplyResult, StepEvent, apply_mig, plan_mig, resume_mig
+from sharing.nvml.mig_journal import read_journal
+
+MAX_MIG_FILE_BYTES = 1024 * 1024
+
+OnStep = Callable[[StepEvent], None]
+
+
+def read_mig_file(path: Path) -> str:
+    """The text of a mig-parted file, bounded.
+
+    Raises:
+        ConfigError: it cannot be read, is not text, or is larger than MAX_MIG_FILE_BYTES.
+    """
+    try:
+        with Path(path).open("rb") as f:
+            raw = f.read(MAX_MIG_FILE_BYTES + 1)
+    except OSError as err:
+        why = err.strerror or err
+        raise ConfigError(f"{path}: cannot read the mig-parted file: {why}") from None
+    if len(raw) > MAX_MIG_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_MIG_FILE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason})") from None
+
+
+class MigEngine:
+    """Plans mig-parted configs against the node and applies plans through the journal."""
+
+    def plan(self, nvml: Nvml, text: str, source: str, config: str) -> MigPlan:
+        """The MigPlan of `config` from a mig-parted file's text (`source` names it).
+
+        Raises:
+            SharingError: the file is invalid, the config unknown, or the layout infeasible.
+        """
+        return plan_mig(nvml, parse_mig_parted(text, source=source), config)
+
+    def check_journal(self, journal_path: Path, node: tuple[str, ...]) -> None:
+        """Refuse a journal that apply would refuse (corrupt, another node's), up front.
+
+        Raises:
+            MigJournalError: the journal is unreadable, corrupt, or from another node.
+        """
+        read_journal(journal_path, node)
+
+    def apply(
+        self, nvml: Nvml, plan: MigPlan, *, journal_path: Path, on_step: OnStep | None = None
+    ) -> ApplyResult:
+        """Apply a MigPlan, journalled at `journal_path`; per-GPU failures are in the result.
+
+        Raises:
+            SharingError: refused before touching anything (processes, lost GPU, a corrupt
+                journal or one from another node).
+        """
+        return apply_mig(nvml, plan, journal_path=journal_path, on_step=on_step)
+
+    def resume(
+        self, nvml: Nvml, *, journal_path: Path, on_step: OnStep | None = None
+    ) -> ApplyResult | None:
+        """Finish the apply the journal records as interrupted; None when there is none.
+
+        Raises:
+            SharingError: the journal is corrupt or from another node, or the node refuses.
+        """
+        return resume_mig(nvml, journal_path=journal_path, on_step=on_step)
+
+
+__all__ = ["MAX_MIG_FILE_BYTES", "MigEngine", "OnStep", "read_mig_file"]

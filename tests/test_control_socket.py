@@ -1,0 +1,191 @@
+"""The control socket: permissions, newline-delimited JSON exchanges, bounds, bad requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.daemon.control import (
+    MAX_REQUEST_BYTES,
+    ControlError,
+    ControlServer,
+    ControlUnavailable,
+    call,
+)
+from tests.fakes.sockets import short_dir
+
+
+def _echo(request: dict, emit) -> dict:
+    for i in range(int(request.get("events", 0))):
+        emit({"event": "progress", "message": f"step {i}"})
+    return {"echo": request.get("value")}
+
+
+def _crash(_request: dict, _emit) -> dict:
+    raise RuntimeError("handler bug")
+
+
+def _refuse(_request: dict, _emit) -> dict:
+    raise ControlError("refused: no such config")
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    with short_dir("gs-ctl-") as path:
+        yield path
+
+
+@pytest.fixture
+def server(base: Path) -> Iterator[ControlServer]:
+    srv = ControlServer(base / "run" / "control.sock",
+                        {"echo": _echo, "crash": _crash, "refuse": _refuse},
+                        request_timeout_s=0.5)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _raw(path: Path, payload: bytes) -> dict:
+    """Send raw bytes and read the one answer line."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def test_socket_is_0600_in_a_new_0700_directory(server: ControlServer) -> None:
+    """The socket only its owner may use; the directory created for it likewise."""
+    assert stat.S_ISSOCK(os.stat(server.path).st_mode)
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(server.path.parent).st_mode) == 0o700
+    assert sorted(p.name for p in server.path.parent.iterdir()) == ["control.sock"]
+
+
+def test_exchange_with_progress_events(server: ControlServer) -> None:
+    """Events arrive in order before the answer, which carries ok and the handler's fields."""
+    seen: list[dict] = []
+    answer = call(server.path, {"op": "echo", "value": "hi", "events": 3}, on_event=seen.append)
+    assert answer == {"ok": True, "echo": "hi"}
+    assert [e["message"] for e in seen] == ["step 0", "step 1", "step 2"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        pytest.param(b"not json\n", "bad request: not a JSON line: Expecting value: line 1 "
+                     "column 1 (char 0)", id="not JSON"),
+        pytest.param(b"[1, 2]\n", "bad request: a message must be a JSON object, got list",
+                     id="not an object"),
+        pytest.param(b'{"op": "format-disk"}\n',
+                     'bad request: unknown op "format-disk"; known: crash, echo, refuse',
+                     id="unknown op"),
+        pytest.param(b'{"value": 1}\n', "bad request: unknown op null; known: crash, echo, "
+                     "refuse", id="no op"),
+        pytest.param(b'{"op": "echo"', "no complete request line in time", id="no newline"),
+        pytest.param(b'{"op": "refuse"}\n', "refused: no such config", id="handler refuses"),
+        pytest.param(b'{"op": "crash"}\n', "internal error while handling crash: handler bug",
+                     id="handler fails"),
+    ],
+)
+def test_bad_requests_get_an_error_and_the_server_stays_up(
+    server: ControlServer, payload: bytes, error: str
+) -> None:
+    """Each bad request is answered ok=false with a clear message; the next one works."""
+    answer = _raw(server.path, payload)
+    assert answer == {"ok": False, "error": error}
+    assert call(server.path, {"op": "echo", "value": 2}) == {"ok": True, "echo": 2}
+
+
+def test_oversized_request_is_refused(server: ControlServer) -> None:
+    """A request line past the limit is refused without reading it all."""
+    payload = b'{"op": "echo", "value": "' + b"x" * (MAX_REQUEST_BYTES + 10) + b'"}\n'
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(server.path))
+        try:
+            sock.sendall(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before we finished writing
+        answer = json.loads(sock.makefile("rb").readline())
+    assert answer == {"ok": False, "error": f"bad request: message longer than "
+                      f"{MAX_REQUEST_BYTES} bytes"}
+    assert call(server.path, {"op": "echo", "value": 3})["ok"] is True
+
+
+def test_stale_socket_is_replaced_and_a_live_one_refused(base: Path) -> None:
+    """A socket nobody listens on (a daemon died) is removed; a served one is not taken over."""
+    path = base / "control.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens
+    first = ControlServer(path, {"echo": _echo})
+    first.start()
+    try:
+        assert call(path, {"op": "echo", "value": 1})["echo"] == 1
+        second = ControlServer(path, {"echo": _echo})
+        with pytest.raises(OSError, match="another process is serving the control socket"):
+            second.start()
+        assert call(path, {"op": "echo", "value": 2})["echo"] == 2
+    finally:
+        first.stop()
+    assert not path.exists()
+
+
+def test_path_that_is_not_a_socket_is_refused(base: Path) -> None:
+    """A regular file at the path is never deleted."""
+    path = base / "control.sock"
+    path.write_text("keep me")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        ControlServer(path, {}).start()
+    assert path.read_text() == "keep me"
+
+
+def test_too_long_path_is_a_clear_error(base: Path) -> None:
+    """Unix socket paths over 107 bytes are refused up front."""
+    path = base / ("d" * 120) / "control.sock"
+    with pytest.raises(OSError, match="unix socket paths are limited to 107"):
+        ControlServer(path, {}).start()
+
+
+def test_client_without_daemon(base: Path) -> None:
+    """No daemon: a one-line error naming the socket."""
+    with pytest.raises(ControlUnavailable, match=f"cannot reach the gpushare daemon at {base}"):
+        call(base / "none.sock", {"op": "status"})
+
+
+def test_stop_removes_only_our_socket_and_is_idempotent(server: ControlServer) -> None:
+    """stop() twice is fine; the socket file is gone and clients get ControlUnavailable."""
+    server.stop()
+    server.stop()
+    assert not server.path.exists()
+    with pytest.raises(ControlUnavailable):
+        call(server.path, {"op": "echo"})
+
+
+def test_parallel_requests(server: ControlServer) -> None:
+    """Several clients at once each get their own answer."""
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = call(server.path, {"op": "echo", "value": i, "events": 2})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert answers == {i: {"ok": True, "echo": i} for i in range(8)}

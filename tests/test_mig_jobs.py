@@ -1,0 +1,308 @@
+"""MIG reconfiguration jobs inside the daemon (in process, simulated DGX A100, kubelet stand-in):
+one job at a time, killProcesses, node labels, result listeners, MPS daemons during a drain,
+stopping mid-drain, control request checks, an interrupted `gpushare mig apply` rolled forward."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.daemon.control import call
+from plugin.daemon.core import Daemon
+from plugin.daemon.mig_history import JOURNAL_FILE, JobRecord
+from plugin.daemon.mig_jobs import CONFIG_LABEL, STATE_LABEL, JobRefused, MigJobRunner
+from plugin.daemon.mig_wiring import add_mig_jobs
+from sharing.nvml import Nvml, load_library, read_inventory
+from sharing.nvml.mig_apply import apply_mig, plan_mig
+from sharing.nvml.sim import SimNvml, create_state, start_process, stop_process
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "tests" / "data" / "compat" / "mig-parted" / "example-config.yaml"
+MIXED = "version: v1\nflags: {migStrategy: mixed}\n"
+OLD, NEW = "nvidia.com/mig-2g.10gb", "nvidia.com/mig-1g.5gb"
+GPU7_3G = """\
+version: v1
+mig-configs:
+  gpu7-3g:
+    - devices: [7]
+      mig-enabled: true
+      mig-devices: {"3g.20gb": 2}
+"""
+
+
+class Node:
+    """A simulated node, its in-process daemon with MIG jobs, and the daemon's control socket."""
+
+    def __init__(self, tmp_path: Path, kubelet_dir: Path, socket: Path, mps_root: Path) -> None:
+        self.tmp_path = tmp_path
+        self.state = tmp_path / "node"
+        self.state_dir = tmp_path / "jobs"
+        self.socket = socket
+        self.kubelet_dir = kubelet_dir
+        self.mps_root = mps_root
+        self.daemon: Daemon | None = None
+        create_state("dgx-a100", self.state)
+
+    def apply(self, config: str, text: str | None = None) -> None:
+        """Set a layout directly, as an operator would before the daemon runs."""
+        nvml = Nvml(SimNvml(self.state))
+        nvml.init()
+        try:
+            source = EXAMPLE if text is None else text
+            apply_mig(nvml, plan_mig(nvml, source, config), journal_path=self.tmp_path / "j.json")
+        finally:
+            nvml.shutdown()
+
+    def start(self, config: str = MIXED) -> Daemon:
+        path = self.tmp_path / "config.yaml"
+        path.write_text(config)
+        lib = load_library(str(self.state))
+        self.daemon = Daemon(config_path=path, kubelet_dir=self.kubelet_dir, nvml_lib=lib,
+                             env={}, overrides={"mps-root": str(self.mps_root)})
+        add_mig_jobs(self.daemon, state_dir=self.state_dir, control_socket=self.socket,
+                     nvml_lib=lib)
+        self.daemon.start()
+        return self.daemon
+
+    @property
+    def runner(self) -> MigJobRunner:
+        assert self.daemon is not None
+        return self.daemon.mig_jobs
+
+    def process_on(self, gpu: int) -> int:
+        """Start a compute process on GPU `gpu` (its first MIG device when MIG is on)."""
+        nvml = Nvml(SimNvml(self.state))
+        nvml.init()
+        migs = read_inventory(nvml).gpu(gpu).mig_devices
+        nvml.shutdown()
+        if migs:
+            return start_process(self.state, gpu, migs[0].gi_id, migs[0].ci_id)
+        return start_process(self.state, gpu)
+
+    def labels(self) -> dict[str, str]:
+        assert self.daemon is not None
+        return {k: v for k, v in self.daemon.plan.labels if k.startswith("nvidia.com/mig.config")}
+
+    def wait_done(self, job_id: int) -> JobRecord:
+        return self.runner.watch(job_id, lambda _line: None, timeout_s=30)
+
+
+def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll a condition another thread makes true (every 10 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def node(tmp_path: Path, kubelet_dir: Path, mps_root: Path) -> Iterator[Node]:
+    with short_dir("gs-mjc-") as sockets:
+        made = Node(tmp_path, kubelet_dir, sockets / "control.sock", mps_root)
+        yield made
+        if made.daemon is not None:
+            made.daemon.stop()
+
+
+def test_one_job_at_a_time_labels_and_listeners(node: Node, kubelet: FakeKubelet) -> None:
+    """A second request while a job drains is refused naming it; labels go pending -> success;
+    listeners hear the ended job once."""
+    node.apply("all-2g.10gb")
+    pid = node.process_on(0)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 30s}\n")
+    heard: list[JobRecord] = []
+    node.runner.add_result_listener(heard.append)
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text(), file_name="example.yaml")
+    kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24)
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "pending"}
+    with pytest.raises(JobRefused, match=f"job {job.id} \\(config all-1g.5gb, draining\\) is "
+                       "running; one job runs at a time"):
+        node.runner.submit("all-disabled", text=EXAMPLE.read_text())
+    stop_process(node.state, 0, pid=pid)
+    done = node.wait_done(job.id)
+    assert done.result == "success"
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "success"}
+    assert [(r.id, r.result) for r in heard] == [(job.id, "success")]
+
+
+def test_refused_request_leaves_labels(node: Node, kubelet: FakeKubelet) -> None:
+    """A refused plan is in the history, but the labels still describe the last real job."""
+    node.start(MIXED)
+    kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"])
+    first = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    assert node.wait_done(first.id).result == "success"
+    with pytest.raises(JobRefused, match='no config "nope"'):
+        node.runner.submit("nope", text=EXAMPLE.read_text())
+    assert [(j.config, j.result, j.refused) for j in node.runner.store.jobs()] == [
+        ("all-1g.5gb", "success", False), ("nope", "failed", True)
+    ]
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "success"}
+
+
+def test_drain_timeout_labels_failed(node: Node, kubelet: FakeKubelet) -> None:
+    """A job that fails its drain sets the state label to failed; the devices are Healthy."""
+    node.apply("all-2g.10gb")
+    node.process_on(3)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 200ms}\n")
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    done = node.wait_done(job.id)
+    assert done.result == "failed"
+    assert "processes still running after 0.2 s: GPU 3: pid" in done.reason
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "failed"}
+    assert kubelet.latest(OLD) is not None
+    assert len(kubelet.latest(OLD).healthy_ids) == 24
+
+
+def test_kill_processes_after_the_drain_timeout(node: Node, kubelet: FakeKubelet) -> None:
+    """With killProcesses the processes still there at the timeout are ended; the job goes on."""
+    node.apply("all-2g.10gb")
+    node.process_on(1)
+    node.process_on(5)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 100ms, killProcesses: true}\n")
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    assert node.wait_done(job.id).result == "success"
+    nvml = Nvml(SimNvml(node.state))
+    nvml.init()
+    assert all(not g.processes for g in read_inventory(nvml).gpus)
+    nvml.shutdown()
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+
+
+def test_only_the_changed_gpu_is_drained(node: Node, kubelet: FakeKubelet) -> None:
+    """A config that changes GPU 7 only marks GPU 7's devices; a process on GPU 0 is ignored."""
+    node.process_on(0)
+    node.start("version: v1\n")
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 8)
+    pid = node.process_on(7)
+    job = node.runner.submit("gpu7-3g", text=GPU7_3G)
+    gpu7 = node.daemon.inventory.gpu(7).uuid
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: x.unhealthy_ids == [gpu7])
+    stop_process(node.state, 7, pid=pid)
+    done = node.wait_done(job.id)
+    assert done.result == "success", done.reason
+    assert [(g.index, g.outcome) for g in done.gpus] == [(7, "reconfigured")]
+
+
+def test_mps_daemon_of_a_changed_gpu_stops_during_the_drain(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """gpushare's MPS daemon serving a GPU the job changes is stopped while draining (its MPS
+    server would count as a compute process) and runs again once the new Plan is served."""
+    node.start("version: v1\nsharing: {mps: {resources: [{name: nvidia.com/gpu, replicas: 2}]}}\n")
+    supervisor = node.daemon.mps_supervisor
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16)
+    assert supervisor.daemon("nvidia.com/gpu") is not None
+    pid = node.process_on(7)
+    job = node.runner.submit("gpu7-3g", text=GPU7_3G)
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.unhealthy_ids) == 16)
+    eventually(lambda: supervisor.daemon("nvidia.com/gpu") is None)
+    stop_process(node.state, 7, pid=pid)
+    assert node.wait_done(job.id).result == "success"
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)
+    assert supervisor.daemon("nvidia.com/gpu") is not None
+
+
+def test_daemon_stop_during_the_drain(node: Node, kubelet: FakeKubelet) -> None:
+    """Stopping the daemon ends a draining job as failed, nothing touched, nothing left active."""
+    node.apply("all-2g.10gb")
+    node.process_on(2)
+    daemon = node.start(MIXED)
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24)
+    runner = node.runner
+    daemon.stop()
+    node.daemon = None
+    [record] = runner.store.jobs()
+    assert (record.id, record.result) == (job.id, "failed")
+    assert record.reason == "drain: the daemon is stopping; nothing was changed"
+    assert not runner.store.active_path.exists()
+    assert not runner.store.journal_path.exists()
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        pytest.param({"op": "reconfigure"}, "bad request: config is required", id="no config"),
+        pytest.param({"op": "reconfigure", "config": ""},
+                     "bad request: config must be a non-empty string", id="empty config"),
+        pytest.param({"op": "reconfigure", "config": 7},
+                     "bad request: config must be a non-empty string", id="config not a string"),
+        pytest.param({"op": "reconfigure", "config": "a", "wait": "yes"},
+                     "bad request: wait must be true or false", id="wait not a bool"),
+        pytest.param({"op": "reconfigure", "config": "a", "force": True},
+                     "bad request: unknown field force (allowed: config, file_name, file_text, "
+                     "op, wait)", id="unknown field"),
+        pytest.param({"op": "reconfigure", "config": "x" * 200},
+                     "bad request: config is longer than 128 characters", id="long config"),
+        pytest.param({"op": "reconfigure", "config": "a"},
+                     "no mig-parted file: pass -f FILE or set migReconfiguration.configFile",
+                     id="no file anywhere"),
+        pytest.param({"op": "reconfigure", "config": "a", "file_text": "version: v2\n"},
+                     'version: must be "v1"', id="bad mig-parted text"),
+        pytest.param({"op": "status", "verbose": True},
+                     "bad request: unknown field verbose (allowed: op)", id="status field"),
+    ],
+)
+def test_control_requests_are_checked(
+    node: Node, kubelet: FakeKubelet, request_: dict, error: str
+) -> None:
+    """A malformed request gets ok=false and one line; the daemon still answers status."""
+    node.start(MIXED)
+    answer = call(node.socket, request_)
+    assert answer["ok"] is False
+    assert error in answer["error"]
+    assert "\n" not in answer["error"]
+    assert call(node.socket, {"op": "status"})["ok"] is True
+
+
+def test_killed_mig_apply_is_rolled_forward_by_the_daemon(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """`gpushare mig apply` killed after 9 journal writes into the daemon's journal: the daemon
+    finishes it before serving and records it as a job of source restart."""
+    node.state_dir.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "mig", "apply", "-f", str(EXAMPLE), "-c",
+         "all-3g.20gb", "--node", str(node.state), "--journal",
+         str(node.state_dir / JOURNAL_FILE), "--fault-kill-after-step", "9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == -9, done.stderr
+    node.start(MIXED)
+    kubelet.wait_for_list("nvidia.com/mig-3g.20gb", lambda x: len(x.healthy_ids) == 16)
+    [job] = node.runner.store.jobs()
+    assert (job.source, job.result, job.config) == ("restart", "success", "all-3g.20gb")
+    assert job.reason == "rolled forward the interrupted apply of all-3g.20gb"
+
+
+def test_history_is_bounded_persisted_and_survives_corruption(tmp_path: Path) -> None:
+    """The store keeps the last N jobs across reopenings; an unreadable file is set aside."""
+    from plugin.daemon.mig_history import JobStore
+
+    store = JobStore(tmp_path / "s", keep=3)
+    store.open()
+    for _ in range(5):
+        store.save(JobRecord(store.new_id(), "c", "request", "f", 1.0).finished("success", "ok"))
+    again = JobStore(tmp_path / "s", keep=3)
+    again.open()
+    assert [j.id for j in again.jobs()] == [3, 4, 5]
+    assert again.new_id() == 6
+    again.history_path.write_text("{not json")
+    third = JobStore(tmp_path / "s", keep=3)
+    third.open()
+    assert third.jobs() == ()
+    assert (tmp_path / "s" / "mig-jobs.json.corrupt").read_text() == "{not json"
+
+
