@@ -1,0 +1,313 @@
+"""MIG reconfiguration jobs end to end: `gpushare run` as its own process on a simulated DGX A100,
+the kubelet stand-in over real unix sockets, `gpushare mig reconfigure|status` as processes.
+
+The node starts as all-2g.10gb (24 `nvidia.com/mig-2g.10gb` devices); jobs take it to all-1g.5gb
+(56 `nvidia.com/mig-1g.5gb`). The daemon is never restarted, except where a test kills it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from plugin.daemon.mig_history import JOURNAL_FILE
+from sharing.nvml import Nvml, read_inventory
+from sharing.nvml.mig_apply import apply_mig, plan_mig
+from sharing.nvml.sim import SimNvml, create_state, start_process
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "tests" / "data" / "compat" / "mig-parted" / "example-config.yaml"
+OLD, NEW = "nvidia.com/mig-2g.10gb", "nvidia.com/mig-1g.5gb"
+MIXED = "version: v1\nflags: {migStrategy: mixed}\n"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def gpushare(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a gpushare command as its own process."""
+    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def apply_layout(state: Path, config: str, journal: Path) -> None:
+    """Put the simulated node in a layout of the example file (as an operator would have)."""
+    nvml = Nvml(SimNvml(state))
+    nvml.init()
+    try:
+        result = apply_mig(nvml, plan_mig(nvml, EXAMPLE, config), journal_path=journal)
+        assert result.ok
+    finally:
+        nvml.shutdown()
+
+
+class Node:
+    """A simulated node served by a `gpushare run` process, and its kubelet stand-in."""
+
+    def __init__(self, base: Path, kubelet_dir: Path, kubelet: FakeKubelet) -> None:
+        self.state = base / "node"
+        self.config = base / "config.yaml"
+        self.state_dir = base / "state"
+        self.socket = base / "control.sock"
+        self.kubelet_dir = kubelet_dir
+        self.kubelet = kubelet
+        self.process: subprocess.Popen[str] | None = None
+        create_state("dgx-a100", self.state)
+        apply_layout(self.state, "all-2g.10gb", base / "setup-journal.json")
+
+    @property
+    def journal(self) -> Path:
+        return self.state_dir / JOURNAL_FILE
+
+    def start(self, config: str = MIXED) -> subprocess.Popen[str]:
+        self.config.write_text(config)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "plugin.cli", "run", "--node", str(self.state),
+             "--config", str(self.config), "--kubelet-dir", str(self.kubelet_dir),
+             "--control-socket", str(self.socket), "--state-dir", str(self.state_dir)],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        return self.process
+
+    def stop(self) -> str:
+        """SIGTERM the daemon; its output."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=20)
+        return output
+
+    def reconfigure(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return gpushare("mig", "reconfigure", "--control-socket", str(self.socket), *args)
+
+    def status(self) -> dict:
+        done = gpushare("mig", "status", "--control-socket", str(self.socket), "--format", "json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def asserts(self, config: str) -> subprocess.CompletedProcess[str]:
+        return gpushare("mig", "assert", "-f", str(EXAMPLE), "-c", config,
+                        "--node", str(self.state))
+
+    def wait_serving(self, resource: str, count: int) -> None:
+        """Until `resource` streams `count` Healthy devices (the daemon must stay up)."""
+        assert self.process is not None
+        process = self.process
+
+        def ready() -> bool:
+            latest = self.kubelet.latest(resource)
+            return process.poll() is not None or (
+                resource in self.kubelet.streaming() and latest is not None
+                and len(latest.healthy_ids) == count
+            )
+
+        self.kubelet.wait_for(ready, timeout_s=30)
+        assert process.poll() is None, self.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet) -> Iterator[Node]:
+    with short_dir("gs-mj-") as base:
+        made = Node(tmp_path, kubelet_dir, kubelet)
+        made.socket = base / "control.sock"
+        yield made
+        if made.process is not None and made.process.poll() is None:
+            made.stop()
+
+
+def swapped(kubelet: FakeKubelet) -> None:
+    """The old resource's devices all went Unhealthy before the new resource's first list,
+    and the old resource's server stopped."""
+    unhealthy = [x for x in kubelet.lists(OLD) if len(x.unhealthy_ids) == 24]
+    assert unhealthy, "the old MIG devices never turned Unhealthy"
+    first_new = kubelet.lists(NEW)[0]
+    assert unhealthy[0].at < first_new.at
+    kubelet.wait_for(lambda: OLD not in kubelet.streaming(), timeout_s=10)
+
+
+def test_reconfigure_wait_swaps_resources_without_restart(node: Node) -> None:
+    """`mig reconfigure --wait`: old MIG devices Unhealthy, then the new ones in ListAndWatch,
+    the same daemon process throughout; status and the layout agree."""
+    daemon = node.start()
+    node.wait_serving(OLD, 24)
+    done = node.reconfigure("-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "job 1 success: applied all-1g.5gb" in done.stdout
+    assert "GPU 7: reconfigured (1g.5gb@0 1g.5gb@1" in done.stdout
+    node.wait_serving(NEW, 56)
+    swapped(node.kubelet)
+    assert daemon.poll() is None  # same pid: never restarted
+    assert [r.resource_name for r in node.kubelet.registrations] == [OLD, NEW]
+    [job] = node.status()["jobs"]
+    assert (job["config"], job["source"], job["result"]) == ("all-1g.5gb", "request", "success")
+    assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
+    assert node.asserts("all-1g.5gb").returncode == 0
+
+
+def test_cron_schedule_fires_a_job(node: Node) -> None:
+    """A schedule entry added by a config reload fires at its time and swaps the resources."""
+    daemon = node.start()
+    node.wait_serving(OLD, 24)
+    at = datetime.now() + timedelta(seconds=3)
+    node.config.write_text(MIXED + f"""\
+migReconfiguration:
+  configFile: {EXAMPLE}
+  schedule:
+    - {{cron: "{at.second} {at.minute} {at.hour} * * *", config: all-1g.5gb}}
+""")
+    node.wait_serving(NEW, 56)
+    assert datetime.now() >= at - timedelta(seconds=1)
+    swapped(node.kubelet)
+    assert daemon.poll() is None
+    status = node.status()
+    [job] = status["jobs"]
+    assert (job["source"], job["result"], job["file"]) == ("schedule", "success", str(EXAMPLE))
+    assert status["schedule"][0]["config"] == "all-1g.5gb"
+    assert node.asserts("all-1g.5gb").returncode == 0
+
+
+def test_drain_timeout_fails_and_leaves_everything(node: Node) -> None:
+    """A process on GPU 0 outlasts the drain timeout: the job fails, the layout is untouched,
+    the devices are Healthy again and nothing new is advertised."""
+    nvml = Nvml(SimNvml(node.state))
+    nvml.init()
+    mig = read_inventory(nvml).gpu(0).mig_devices[0]
+    nvml.shutdown()
+    pid = start_process(node.state, 0, mig.gi_id, mig.ci_id)
+    daemon = node.start(MIXED + "migReconfiguration: {drainTimeout: 1s}\n")
+    node.wait_serving(OLD, 24)
+    started = time.monotonic()
+    done = node.reconfigure("-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert time.monotonic() - started >= 1.0
+    assert (f"job 1 failed: drain: processes still running after 1 s: GPU 0: pid {pid}; "
+            "nothing was changed") in done.stdout
+    assert [len(x.unhealthy_ids) for x in node.kubelet.lists(OLD)][-2:] == [24, 0]
+    node.wait_serving(OLD, 24)
+    assert NEW not in node.kubelet.resources()
+    assert daemon.poll() is None
+    assert node.asserts("all-2g.10gb").returncode == 0
+    [job] = node.status()["jobs"]
+    assert job["result"] == "failed"
+    assert {g["outcome"] for g in job["gpus"]} == {"untouched"}
+
+
+FOREIGN_JOURNAL = "foreign"
+CORRUPT_JOURNAL = "corrupt"
+INFEASIBLE = """\
+version: v1
+mig-configs:
+  two-4g:
+    - devices: [2]
+      mig-enabled: true
+      mig-devices: {"4g.20gb": 2}
+"""
+
+
+def _prepare(node: Node, case: str, tmp_path: Path) -> list[str]:
+    """Set up one bad-input case; the reconfigure arguments that trigger it."""
+    if case == CORRUPT_JOURNAL:
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        node.journal.write_text('{"kind": "gpushare-mig-journal", "version": 1, "sta')
+    elif case == FOREIGN_JOURNAL:
+        other = tmp_path / "h100"
+        create_state("hgx-h100", other)
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        done = gpushare("mig", "apply", "-f", str(EXAMPLE), "-c", "all-disabled",
+                        "--node", str(other), "--journal", str(node.journal))
+        assert done.returncode == 0, done.stderr
+    elif case == "infeasible":
+        path = tmp_path / "infeasible.yaml"
+        path.write_text(INFEASIBLE)
+        return ["-c", "two-4g", "-f", str(path)]
+    elif case == "unknown config":
+        return ["-c", "all-7g.40gb", "-f", str(EXAMPLE)]
+    return ["-c", "all-1g.5gb", "-f", str(EXAMPLE)]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        pytest.param("unknown config", 'no config "all-7g.40gb" in mig-configs',
+                     id="unknown config name"),
+        pytest.param("infeasible", "GPU 2 (NVIDIA A100-SXM4-40GB): 4g.20gb",
+                     id="infeasible layout"),
+        pytest.param(CORRUPT_JOURNAL, "corrupt MIG journal", id="corrupt journal"),
+        pytest.param(FOREIGN_JOURNAL, "MIG journal written on another node",
+                     id="journal from another node"),
+    ],
+)
+def test_bad_requests_are_refused_touching_nothing(
+    node: Node, tmp_path: Path, case: str, message: str
+) -> None:
+    """Each bad request: exit 2 with one line naming the cause; no device ever Unhealthy, the
+    layout as it was, the daemon still serving."""
+    args = _prepare(node, case, tmp_path)
+    daemon = node.start()
+    node.wait_serving(OLD, 24)
+    done = node.reconfigure(*args, "--wait")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("gpushare mig reconfigure: ")
+    assert message in line
+    assert all(not x.unhealthy_ids for x in node.kubelet.lists(OLD))
+    assert node.kubelet.resources() == [OLD]
+    assert daemon.poll() is None
+    assert node.asserts("all-2g.10gb").returncode == 0
+    [job] = node.status()["jobs"]
+    assert job["result"] == "failed"
+    assert message in job["reason"]
+
+
+def _journal_steps(path: Path) -> int:
+    """Steps recorded so far by an apply that is still running (0 otherwise)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(data["steps"]) if data.get("status") == "running" else 0
+
+
+def test_daemon_killed_mid_job_rolls_forward_at_start(node: Node) -> None:
+    """SIGKILL while the job applies; the next daemon finishes the layout before it serves."""
+    node.start()
+    node.wait_serving(OLD, 24)
+    request = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "mig", "reconfigure", "--control-socket",
+         str(node.socket), "-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    wait_until(lambda: _journal_steps(node.journal) >= 20, timeout_s=30)
+    assert node.process is not None
+    node.process.kill()
+    node.process.wait(10)
+    request.communicate(timeout=10)
+    assert _journal_steps(node.journal) >= 20, "the apply was not interrupted"
+    assert node.asserts("all-1g.5gb").returncode == 1  # half applied
+    node.kubelet.restart()  # a new daemon, as a restarted pod: the kubelet sees it register
+    node.start()
+    node.wait_serving(NEW, 56)
+    assert node.asserts("all-1g.5gb").returncode == 0
+    [job] = node.status()["jobs"]
+    assert job["result"] == "success", job
+    assert "rolled forward across a daemon restart" in job["reason"]
+    assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Poll (every 2 ms) until `predicate()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s} s")
+        time.sleep(0.002)
