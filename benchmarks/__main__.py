@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import measure, mig
+from benchmarks import measure, mig, mig_jobs
 from benchmarks.stats import Figure, render_table, write_json
 
 DEFAULT_OUT = Path("benchmarks/results/latest.json")
@@ -31,6 +31,7 @@ def _suites(quick: bool) -> dict[str, tuple]:
         "mig-plan": (mig.plan_configs, 20 // (5 if quick else 1)),
         "mig-apply": (mig.apply_full, 10 // (5 if quick else 1)),
         "idle": (measure.idle_cpu, 2 if quick else 6),
+        "mig-job": (mig_jobs.reconfiguration_job, 10 // (5 if quick else 1)),
     }
 
 
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         "the unix socket through a kubelet-style Go client, against a minimal Go device plugin "
         "(Python client and no baseline where Go is missing), preferred allocation, build_plan, "
         "read_inventory, health propagation, re-registration, cold start, resident memory, "
-        "config reload, idle CPU, MIG plan and MIG apply, on simulated nodes. "
-        "Prints a table and writes JSON.",
+        "config reload, idle CPU, MIG plan, MIG apply and a MIG reconfiguration job, on "
+        "simulated nodes. Prints a table and writes JSON.",
     )
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
