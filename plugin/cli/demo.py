@@ -57,22 +57,26 @@ Step = Callable[[DemoContext], None]
 
 
 class _Narrator(logging.Handler):
-    """Shows the daemon's log lines, indented, inside the walkthrough."""
+    """Shows the daemon's log lines, indented, inside the walkthrough (below WARNING, not those
+    of the `quiet` loggers)."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, quiet: tuple[str, ...] = ()) -> None:
         super().__init__(logging.INFO)
         self.out = out
+        self.quiet = quiet
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and record.name.startswith(self.quiet or ("\0",)):
+            return
         print(f"    [daemon] {record.getMessage()}", file=self.out, flush=True)
 
 
 @contextmanager
-def _narrated_logs(out: TextIO) -> Iterator[None]:
+def narrated_logs(out: TextIO, quiet: tuple[str, ...] = ()) -> Iterator[None]:
     """Route log records into the walkthrough while the demo runs."""
     root = logging.getLogger()
     saved, saved_level = root.handlers[:], root.level
-    root.handlers = [_Narrator(out)]
+    root.handlers = [_Narrator(out, quiet)]
     root.setLevel(min(saved_level, logging.INFO) or logging.INFO)
     try:
         yield
@@ -181,7 +185,7 @@ def run_demo(
     """Run every step; 0 on success, 1 when a step fails (the error is printed)."""
     workdir = Path(tempfile.mkdtemp(prefix="gpushare-demo-", dir="/tmp"))
     try:
-        with _narrated_logs(out):
+        with narrated_logs(out):
             return _run(workdir, node, config, out)
     finally:
         if keep:
