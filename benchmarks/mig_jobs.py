@@ -17,7 +17,7 @@ from plugin.daemon.control import call
 from plugin.daemon.mig_wiring import sim_locations
 
 NODE = "dgx-a100"
-MIG_FILE = REPO / "tests" / "data" / "compat" / "mig-parted" / "example-config.yaml"
+MIG_FILE = REPO / "configs" / "mig-parted.yaml"  # the mig-parted example, shipped
 LAYOUTS = (
     ("all-1g.5gb", "nvidia.com/mig-1g.5gb", 56),
     ("all-2g.10gb", "nvidia.com/mig-2g.10gb", 24),
