@@ -220,9 +220,9 @@ class ControlServer:
                 except ControlError as err:
                     answer = {"ok": False, "error": f"bad request: {err}"}
                 else:
-                    conn.settimeout(None)  # a waiting job answers when it ends
+                    # A job the client waits for answers when it ends; each line sent keeps the
+                    # timeout, so a client that stops reading cannot hold the handler forever.
                     answer = self._dispatch(request, lambda event: conn.sendall(_encode(event)))
-                conn.settimeout(self._timeout_s)
                 conn.sendall(_encode(answer))
         except OSError as err:
             log.debug("control client went away: %s", err)
