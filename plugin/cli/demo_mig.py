@@ -109,17 +109,17 @@ class MigDemo:
         return job
 
     def wait_streaming(self, names: set[str]) -> None:
-        """Until exactly these resources stream, every device Healthy."""
+        """Until exactly these resources stream, each has sent a list, every device Healthy."""
         def ready() -> bool:
             lists = {n: self.kubelet.latest(n) for n in self.kubelet.streaming()}
             return set(lists) == names and all(
-                x is not None and not x.unhealthy_ids for x in lists.values())
+                x is not None and x.devices and not x.unhealthy_ids for x in lists.values())
         self.kubelet.wait_for(ready, 3 * WAIT_S)
 
 
 def step_requested_job(demo: MigDemo) -> None:
     """A requested job: the GPUs drain, MIG is applied, the new resources are served."""
-    demo.kubelet.wait_for(lambda: demo.kubelet.streaming() == ["nvidia.com/gpu"], WAIT_S)
+    demo.wait_streaming({"nvidia.com/gpu"})
     demo.show_resources("The kubelet sees the 8 GPUs whole (MIG off):")
     demo.say()
     demo.reconfigure("all-1g.5gb")
