@@ -30,12 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "data" / "compat" / "mig-parted" / "example-config.yaml"
 OLD, NEW = "nvidia.com/mig-2g.10gb", "nvidia.com/mig-1g.5gb"
 MIXED = "version: v1\nflags: {migStrategy: mixed}\n"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child gpushare, read when it is spawned (conftest's settings in)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def gpushare(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a gpushare command as its own process."""
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -58,6 +62,7 @@ class Node:
         self.config = base / "config.yaml"
         self.state_dir = base / "state"
         self.socket = base / "control.sock"
+        self.labels_file = base / "features.d" / "gfd"
         self.kubelet_dir = kubelet_dir
         self.kubelet = kubelet
         self.process: subprocess.Popen[str] | None = None
@@ -73,8 +78,9 @@ class Node:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "plugin.cli", "run", "--node", str(self.state),
              "--config", str(self.config), "--kubelet-dir", str(self.kubelet_dir),
-             "--control-socket", str(self.socket), "--state-dir", str(self.state_dir)],
-            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+             "--control-socket", str(self.socket), "--state-dir", str(self.state_dir),
+             "--labels-file", str(self.labels_file)],
+            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         return self.process
 
@@ -93,6 +99,11 @@ class Node:
         done = gpushare("mig", "status", "--control-socket", str(self.socket), "--format", "json")
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
+
+    def mig_labels(self) -> list[str]:
+        """The MIG job lines of the node labels file the daemon writes."""
+        lines = self.labels_file.read_text().splitlines()
+        return [x for x in lines if x.startswith("nvidia.com/mig.config")]
 
     def asserts(self, config: str) -> subprocess.CompletedProcess[str]:
         return gpushare("mig", "assert", "-f", str(EXAMPLE), "-c", config,
@@ -151,6 +162,8 @@ def test_reconfigure_wait_swaps_resources_without_restart(node: Node) -> None:
     assert (job["config"], job["source"], job["result"]) == ("all-1g.5gb", "request", "success")
     assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
     assert node.asserts("all-1g.5gb").returncode == 0
+    assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
+                                 "nvidia.com/mig.config.state=success"]
 
 
 def test_cron_schedule_fires_a_job(node: Node) -> None:
@@ -199,6 +212,8 @@ def test_drain_timeout_fails_and_leaves_everything(node: Node) -> None:
     [job] = node.status()["jobs"]
     assert job["result"] == "failed"
     assert {g["outcome"] for g in job["gpus"]} == {"untouched"}
+    assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
+                                 "nvidia.com/mig.config.state=failed"]
 
 
 FOREIGN_JOURNAL = "foreign"
@@ -285,7 +300,7 @@ def test_daemon_killed_mid_job_rolls_forward_at_start(node: Node) -> None:
     request = subprocess.Popen(
         [sys.executable, "-m", "plugin.cli", "mig", "reconfigure", "--control-socket",
          str(node.socket), "-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wait_until(lambda: _journal_steps(node.journal) >= 20, timeout_s=30)
     assert node.process is not None
@@ -301,6 +316,8 @@ def test_daemon_killed_mid_job_rolls_forward_at_start(node: Node) -> None:
     [job] = node.status()["jobs"]
     assert job["result"] == "success", job
     assert "rolled forward across a daemon restart" in job["reason"]
+    assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
+                                 "nvidia.com/mig.config.state=success"]
     assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
 
 

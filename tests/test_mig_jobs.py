@@ -44,6 +44,7 @@ class Node:
         self.tmp_path = tmp_path
         self.state = tmp_path / "node"
         self.state_dir = tmp_path / "jobs"
+        self.labels_file = tmp_path / "features.d" / "gfd"
         self.socket = socket
         self.kubelet_dir = kubelet_dir
         self.mps_root = mps_root
@@ -65,7 +66,9 @@ class Node:
         path.write_text(config)
         lib = load_library(str(self.state))
         self.daemon = Daemon(config_path=path, kubelet_dir=self.kubelet_dir, nvml_lib=lib,
-                             env={}, overrides={"mps-root": str(self.mps_root)})
+                             env={}, overrides={"mps-root": str(self.mps_root),
+                                                "labels-file": str(self.labels_file)},
+                             node_labels=True)
         add_mig_jobs(self.daemon, state_dir=self.state_dir, control_socket=self.socket,
                      nvml_lib=lib)
         self.daemon.start()
@@ -87,8 +90,17 @@ class Node:
         return start_process(self.state, gpu)
 
     def labels(self) -> dict[str, str]:
+        """The MIG job labels in the node labels file the daemon writes."""
+        lines = self.labels_file.read_text().splitlines()
+        pairs = dict(line.split("=", 1) for line in lines)
+        return {k: v for k, v in pairs.items() if k.startswith("nvidia.com/mig.config")}
+
+    def mig_jobs_counted(self, result: str) -> float:
+        """gpushare_mig_reconfigurations_total{result} as /metrics shows it."""
         assert self.daemon is not None
-        return {k: v for k, v in self.daemon.plan.labels if k.startswith("nvidia.com/mig.config")}
+        text = self.daemon.metrics.exposition().decode()
+        line = f'gpushare_mig_reconfigurations_total{{result="{result}"}} '
+        return float(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
 
     def wait_done(self, job_id: int) -> JobRecord:
         return self.runner.watch(job_id, lambda _line: None, timeout_s=30)
@@ -132,6 +144,7 @@ def test_one_job_at_a_time_labels_and_listeners(node: Node, kubelet: FakeKubelet
     kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "success"}
     assert [(r.id, r.result) for r in heard] == [(job.id, "success")]
+    assert (node.mig_jobs_counted("success"), node.mig_jobs_counted("failed")) == (1, 0)
 
 
 def test_refused_request_leaves_labels(node: Node, kubelet: FakeKubelet) -> None:
@@ -159,6 +172,7 @@ def test_drain_timeout_labels_failed(node: Node, kubelet: FakeKubelet) -> None:
     assert done.result == "failed"
     assert "processes still running after 0.2 s: GPU 3: pid" in done.reason
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "failed"}
+    assert (node.mig_jobs_counted("success"), node.mig_jobs_counted("failed")) == (0, 1)
     assert kubelet.latest(OLD) is not None
     assert len(kubelet.latest(OLD).healthy_ids) == 24
 

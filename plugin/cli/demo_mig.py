@@ -26,7 +26,8 @@ from plugin.daemon.mig_wiring import add_mig_jobs
 from plugin.standin.kubelet import KubeletStandIn
 from sharing.errors import SharingError
 
-QUIET_LOGGERS = ("sharing.nvml.mig_apply", "apscheduler")  # one line per NVML step is too much
+# One line per NVML step, per scheduler event and per labels file write is too much here.
+QUIET_LOGGERS = ("sharing.nvml.mig_apply", "apscheduler", "gpushare.labels")
 MIG_FILE = """\
 version: v1
 mig-configs:
@@ -75,8 +76,10 @@ class MigDemo:
         self.socket = workdir / "control.sock"
         self.kubelet = KubeletStandIn(kubelet_dir)
         lib = nvml.load_library(str(self.sim_state))
+        self.labels_file = workdir / "features.d" / "gfd"
         self.daemon = Daemon(config_path=self.config_path, kubelet_dir=kubelet_dir,
-                             nvml_lib=lib, env={}, overrides={})
+                             nvml_lib=lib, env={},
+                             overrides={"labels-file": str(self.labels_file)}, node_labels=True)
         add_mig_jobs(self.daemon, state_dir=workdir / "state", control_socket=self.socket,
                      nvml_lib=lib)
 
@@ -92,10 +95,10 @@ class MigDemo:
             healthy = len(latest.healthy_ids) if latest else 0
             total = len(latest.devices) if latest else 0
             self.say(f"    {name:<26} {total:>3} devices, {healthy:>3} Healthy")
-        labels = dict(self.daemon.plan.labels)
-        for key in ("nvidia.com/mig.config", "nvidia.com/mig.config.state"):
-            if key in labels:
-                self.say(f"    label {key}={labels[key]}")
+        lines = self.labels_file.read_text().splitlines() if self.labels_file.exists() else []
+        for line in lines:
+            if line.startswith("nvidia.com/mig.config"):
+                self.say(f"    label {line}   (in the node labels file)")
 
     def reconfigure(self, config: str) -> dict[str, Any]:
         """What `gpushare mig reconfigure -c CONFIG --wait` does (the daemon's log narrates)."""

@@ -11,7 +11,6 @@ node labels file are composed in from `observe`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +50,6 @@ class Component(Protocol):
 
 
 PlanListener = Callable[[Plan, Inventory], None]
-LabelSource = Callable[[], Sequence[tuple[str, str]]]
 StartupHook = Callable[[Nvml | None], None]
 
 
@@ -99,7 +97,6 @@ class Daemon:
         self._lock = threading.RLock()
         self._components: list[Component] = []
         self._listeners: list[PlanListener] = []
-        self._label_sources: list[LabelSource] = []
         self._startup_hooks: list[StartupHook] = []
         self._overlays: dict[str, dict[str, str]] = {}  # source -> its part of the overlay
         self._overlay_lock = threading.Lock()
@@ -188,24 +185,9 @@ class Daemon:
                     merged.setdefault(key, reason)
             self.state.set_overlay(merged)
 
-    def add_label_source(self, source: LabelSource) -> None:
-        """Add node labels to every Plan built from now on (e.g. the MIG job state)."""
-        self._label_sources.append(source)
-
     def add_startup_hook(self, hook: StartupHook) -> None:
         """Call `hook(nvml)` in start(), after the NVML session opens and before serving."""
         self._startup_hooks.append(hook)
-
-    def refresh_labels(self) -> None:
-        """Apply the current Plan again with the label sources read anew (listeners hear it)."""
-        with self._lock:
-            if not self._started or self.inventory is None or self.config is None:
-                return
-            self._reload_seq += 1
-            seq = self._reload_seq
-            plan = self._with_source_labels(self.plan)
-            inventory, config = self.inventory, self.config
-        self._apply(plan, inventory, config=config, seq=seq, cdi=None)  # devices unchanged
 
     def socket_names(self) -> dict[str, str]:
         """Socket file name of each served resource."""
@@ -375,17 +357,7 @@ class Daemon:
         if self.nvml is None:
             return Plan(resources=()), Inventory(gpus=())
         inventory = read_inventory(self.nvml)
-        plan = build_plan_from(inventory, config, self.config_path)
-        return self._with_source_labels(plan), inventory
-
-    def _with_source_labels(self, plan: Plan) -> Plan:
-        """The plan with the label sources' labels in place of any earlier values of them."""
-        extra = [label for source in self._label_sources for label in source()]
-        if not extra:
-            return plan
-        keys = {key for key, _ in extra}
-        kept = tuple(label for label in plan.labels if label[0] not in keys)
-        return dataclasses.replace(plan, labels=kept + tuple(extra))
+        return build_plan_from(inventory, config, self.config_path), inventory
 
     def _cdi_for(self, plan: Plan, config: Config) -> CdiUpdate | None:
         """The CDI spec that goes with `plan` (may run nvidia-ctk: never under the lock)."""
@@ -486,4 +458,4 @@ class Daemon:
                  extra={"resource": name})
 
 
-__all__ = ["Component", "Daemon", "LabelSource", "PlanListener", "StartupHook"]
+__all__ = ["Component", "Daemon", "PlanListener", "StartupHook"]

@@ -9,9 +9,10 @@ inventory is read again and the new Plan's diff is served (new MIG resources reg
 vanished ones stopped) without a restart. A request while a job runs is refused, naming it.
 
 The node labels `nvidia.com/mig.config` and `nvidia.com/mig.config.state` (pending, success,
-failed) follow the last job. Listeners added with `add_result_listener` hear every ended job
-(metrics count them by result). A daemon started after a crash mid-job rolls the journalled
-apply forward before it serves (`resume`).
+failed) follow the last job: state listeners (the daemon's labels file) hear each change.
+Listeners added with `add_result_listener` hear every ended job (metrics count them by
+result). A daemon started after a crash mid-job rolls the journalled apply forward before it
+serves (`resume`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ STATE_LABEL = "nvidia.com/mig.config.state"
 MAX_EVENTS = 1000  # progress lines kept per job
 
 ResultListener = Callable[[JobRecord], None]
+StateListener = Callable[[str, str], None]  # (config, pending|success|failed)
 
 
 class JobRefused(Exception):
@@ -70,9 +72,6 @@ class MigJobHost(Protocol):
 
     def set_health_overlay(self, overlay: dict[str, str], *, source: str) -> None:
         """Publish one source's part of the health overlay."""
-
-    def refresh_labels(self) -> None:
-        """Apply the current Plan again with fresh label sources."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,7 @@ class MigJobRunner:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._listeners: list[ResultListener] = []
+        self._state_listeners: list[StateListener] = []
         self._node: tuple[str, ...] = ()  # GPU UUIDs by index of the node the job plans for
         self._disabled = ""  # why jobs cannot run (no state directory), or ""
         self._last_gpu = -1  # GPU of the last apply step reported
@@ -117,6 +117,23 @@ class MigJobRunner:
     def add_result_listener(self, listener: ResultListener) -> None:
         """Call `listener(record)` whenever a job ends (success or failed)."""
         self._listeners.append(listener)
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        """Call `listener(config, state)` whenever the job state the node labels carry changes
+        (pending when a job starts draining, success or failed when it ends)."""
+        self._state_listeners.append(listener)
+
+    def publish_state(self) -> None:
+        """Tell the state listeners the current job state (the daemon's labels file)."""
+        labels = dict(self.labels())
+        if not labels:
+            return
+        config, state = labels[CONFIG_LABEL], labels[STATE_LABEL]
+        for listener in self._state_listeners:
+            try:
+                listener(config, state)
+            except ValueError as err:  # a config name that is not a label value
+                log.warning("MIG job state not published in the node labels: %s", err)
 
     def labels(self) -> tuple[tuple[str, str], ...]:
         """`nvidia.com/mig.config` and `.state` of the running or last job (none before any);
@@ -162,7 +179,7 @@ class MigJobRunner:
                 refused (unknown config, infeasible layout); refused plans are recorded too.
         """
         with self._lock:
-            if self._current is not None:
+            if self._current is not None and not self._current.done:
                 job = self._current
                 raise JobRefused(
                     f"job {job.id} (config {job.config}, {job.phase}) is running; one job runs "
@@ -212,7 +229,7 @@ class MigJobRunner:
             ) from None
         self._update(record, f"job {record.id}: {config} changes GPUs "
                      f"{_indices(plan.changed_gpus)}; draining them")
-        self.host.refresh_labels()
+        self.publish_state()
         self._thread = threading.Thread(
             target=self._run_guarded, args=(record, plan, text), name=f"mig-job-{record.id}",
             daemon=True,
@@ -369,7 +386,8 @@ class MigJobRunner:
                 log.error("updating the active MIG job file failed: %s", err)
 
     def _end(self, record: JobRecord) -> None:
-        """Record the ended job, drop the active file, refresh labels, tell the listeners."""
+        """Record the ended job, drop the active file, publish its state, tell the listeners;
+        only then is the runner free (and a client waiting for the job answered)."""
         self.store.save(record)
         try:
             self.store.set_active(None)
@@ -378,15 +396,18 @@ class MigJobRunner:
         level = logging.INFO if record.result == "success" else logging.ERROR
         log.log(level, "MIG job %d (%s) %s: %s", record.id, record.config, record.result,
                 record.reason)
-        with self._lock:
-            self._current = None
-            self._changed.notify_all()
-        self.host.refresh_labels()
+        if not record.refused:
+            with self._lock:
+                self._current = record  # ended: the labels show its result
+            self.publish_state()
         for listener in self._listeners:
             try:
                 listener(record)
             except Exception:  # noqa: BLE001 (a listener must not break the job runner)
                 log.exception("a MIG job listener failed")
+        with self._lock:
+            self._current = None
+            self._changed.notify_all()
 
     # --- restart after a crash -----------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """Wiring of MIG reconfiguration jobs into the daemon: runner, schedule, control socket, labels.
 
 `add_mig_jobs(daemon, ...)` creates the job runner over `--state-dir`, rolls an unfinished job
-forward before the daemon serves (a startup hook), adds the job state to the node labels, runs
-the schedule, and serves `reconfigure` and `status` on the control socket.
+forward before the daemon serves (a startup hook), publishes the job state in the daemon's node
+labels file (`daemon.set_mig_state`) and counts ended jobs in its metrics
+(`gpushare_mig_reconfigurations_total{result}`), runs the schedule, and serves `reconfigure` and
+`status` on the control socket.
 """
 
 from __future__ import annotations
@@ -92,9 +94,15 @@ def add_mig_jobs(
             runner.disable(reason)
             return
         runner.resume(nvml)
+        runner.publish_state()  # the labels say how the last job ended, after a restart too
 
+    set_mig_state = getattr(daemon, "set_mig_state", None)
+    if set_mig_state is not None:
+        runner.add_state_listener(set_mig_state)
+    metrics = getattr(daemon, "metrics", None)
+    if metrics is not None:
+        runner.add_result_listener(lambda record: metrics.mig_reconfiguration(record.result))
     daemon.add_startup_hook(before_serving)
-    daemon.add_label_source(runner.labels)
     daemon.add_plan_listener(scheduler.follow)
     daemon.add_component(scheduler)
     daemon.add_component(_RunnerComponent(runner))
