@@ -341,6 +341,30 @@ def test_mig_scenario_ships_the_mig_parted_file_its_config_names(rendered):
     assert scheduled <= set(parted["mig-configs"])
 
 
+def test_mig_scenario_config_loads_and_every_scheduled_layout_plans_on_an_h100_node(
+    rendered, sim_nvml, tmp_path
+):
+    """The mounted config passes gpushare's own loader (migReconfiguration included), and each
+    config its schedule names is a feasible layout on a simulated HGX H100 node."""
+    from sharing.nvml.mig_apply import plan_mig
+
+    docs = rendered["mig-mixed"]
+    for key, text in config_files(docs):
+        (tmp_path / key).write_text(text)
+    args = parsed_command(docs)
+    mounted = tmp_path / Path(args.config).relative_to(CONFIG_MOUNT)
+    config = load_config_file(mounted, env=container_env(docs), overrides=overrides_from_args(args))
+    section = config.mig_reconfiguration
+    assert section.drain_timeout_s == 600.0
+    assert section.kill_processes is False
+    assert [entry.config for entry in section.schedule] == ["all-1g.10gb", "all-3g.40gb"]
+    parted = tmp_path / Path(section.config_file).relative_to(CONFIG_MOUNT)
+    nvml, _ = sim_nvml("hgx-h100")
+    for entry in section.schedule:
+        plan = plan_mig(nvml, parted, entry.config)
+        assert len(plan.changed_gpus) == 8, entry.config
+
+
 # --- probes, metrics --------------------------------------------------------------------------
 
 
