@@ -20,7 +20,6 @@ import selectors
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from plugin.daemon.cdi_spec import (
     spec_file_name,
 )
 from sharing.config import Config
+from sharing.nvml.atomic import write_atomic
 from sharing.plan_types import Plan
 
 log = logging.getLogger("gpushare.cdi")
@@ -164,19 +164,7 @@ def _read_spec_file(path: Path) -> Any:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` by a file holding `text` (mode 0644) in one rename; no partial file."""
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text, mode=0o644, durable=True)
 
 
 @dataclass(frozen=True)

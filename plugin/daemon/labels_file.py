@@ -14,12 +14,12 @@ For code outside this module (the MIG reconfiguration jobs, say), through the da
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+
+from sharing.nvml.atomic import write_atomic
 
 log = logging.getLogger("gpushare.labels")
 
@@ -113,20 +113,10 @@ class LabelsFile:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, flush it to disk, rename it over `path`.
+    """Replace the labels file in one rename (mode 0644: NFD's worker may read it as another
+    user), flushed to disk so a crash never leaves a half-written file for NFD to read.
 
     Raises:
         OSError: the directory cannot be created or written.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text, mode=FILE_MODE, durable=True)

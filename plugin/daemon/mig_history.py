@@ -13,12 +13,13 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from sharing.nvml.atomic import write_atomic
 
 log = logging.getLogger("gpushare.mig.jobs")
 
@@ -105,19 +106,9 @@ class ActiveJob:
                 "node": list(self.node)}
 
 
-def write_atomic(path: Path, data: object) -> None:
-    """Write JSON to `path` through a temporary file in its directory (fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to `path` in one rename, flushed to disk (mode 0600)."""
+    write_atomic(path, json.dumps(data, separators=(",", ":")), durable=True)
 
 
 def _read_json(path: Path) -> Any:
@@ -209,7 +200,7 @@ class JobStore:
             data = {"version": FORMAT_VERSION, "next_id": self._next_id,
                     "jobs": [j.to_json() for j in self._jobs]}
             try:
-                write_atomic(self.history_path, data)
+                write_json_atomic(self.history_path, data)
             except OSError as err:
                 log.error("writing the MIG job history %s failed: %s", self.history_path, err)
 
@@ -223,7 +214,7 @@ class JobStore:
             with contextlib.suppress(FileNotFoundError):
                 self.active_path.unlink()
             return
-        write_atomic(self.active_path, active.to_json())
+        write_json_atomic(self.active_path, active.to_json())
 
     def active(self) -> ActiveJob | None:
         """The job a previous daemon left unfinished, or None.
@@ -258,5 +249,5 @@ __all__ = [
     "GpuOutcome",
     "JobRecord",
     "JobStore",
-    "write_atomic",
+    "write_json_atomic",
 ]

@@ -36,6 +36,7 @@ from typing import Any
 from sharing.errors import MigApplyRefused, MigJournalError
 from sharing.mig.diff import Step
 from sharing.mig.layout import LayoutRequest
+from sharing.nvml.atomic import write_atomic
 
 KIND = "gpushare-mig-journal"
 VERSION = 1
@@ -232,25 +233,3 @@ class Journal:
             raise MigJournalError(
                 f"{self.path}: cannot write the MIG journal: {err.strerror or err}"
             ) from err
-
-
-def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write `data` to a temporary file beside `path` (mode 0600) and rename it over `path`.
-
-    With `durable`, the file and its directory are flushed to disk too (a power loss keeps it).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    if durable:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

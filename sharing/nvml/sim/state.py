@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sharing.errors import SharingError
+from sharing.nvml.atomic import write_atomic
 
 NODE_FILE = "node.yaml"
 STATE_FILE = "state.json"
@@ -80,7 +81,7 @@ class StateStore:
             state["events"] = state["events"][-MAX_EVENTS:]
             data = json.dumps(state, sort_keys=True).encode()
             mtime_ns = max(time.time_ns(), old.st_mtime_ns + 1)
-            write_atomic(self._file, data, mtime_ns)
+            write_atomic(self._file, data, mode=0o644, mtime_ns=mtime_ns)
             self._cache = ((mtime_ns, len(data)), json.loads(data))
 
 
@@ -92,15 +93,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_atomic(path: Path, data: bytes, mtime_ns: int | None = None) -> None:
-    """Write `data` to a temp file beside `path`, set its mtime, and rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    if mtime_ns is not None:
-        os.utime(tmp, ns=(mtime_ns, mtime_ns))
-    os.replace(tmp, path)
 
 
 def append_event(
