@@ -30,7 +30,7 @@ def test_a_failed_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pa
     target = tmp_path / "labels"
     target.mkdir()  # a directory where the file should go: the rename fails
     (target / "keep").write_text("x")
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         write_atomic(target, "a=1\n")
     assert (target / "keep").read_text() == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["labels"]
