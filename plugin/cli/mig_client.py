@@ -19,6 +19,7 @@ from typing import Any
 from plugin.daemon.control import DEFAULT_CONTROL_SOCKET, ControlError, call
 from plugin.daemon.mig_engine import read_mig_file
 from sharing.errors import SharingError
+from sharing.ranges import index_ranges
 
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
@@ -186,17 +187,8 @@ def gpu_summary(gpus: Sequence[dict[str, Any]]) -> str:
     by_outcome: dict[str, list[int]] = {}
     for gpu in gpus:
         by_outcome.setdefault(gpu["outcome"], []).append(int(gpu["index"]))
-    return ", ".join(f"{_ranges(ix)} {outcome}" for outcome, ix in by_outcome.items()) or "-"
-
-
-def _ranges(indices: list[int]) -> str:
-    runs: list[list[int]] = []
-    for i in sorted(indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    parts = [f"{index_ranges(ix, sep=',')} {outcome}" for outcome, ix in by_outcome.items()]
+    return ", ".join(parts) or "-"
 
 
 __all__ = ["add_client_commands", "format_status", "gpu_summary"]

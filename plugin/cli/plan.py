@@ -21,6 +21,7 @@ from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError, SharingError
 from sharing.plan_types import Plan, ResourcePlan
+from sharing.ranges import index_ranges
 
 EXIT_CONFIG = 2
 EXIT_NODE = 1
@@ -93,17 +94,6 @@ def read_node(node: str | None) -> Inventory:
 # --- rendering -------------------------------------------------------------------------------
 
 
-def _ranges(numbers: list[int]) -> str:
-    """`0-3, 6` for sorted integers."""
-    out: list[list[int]] = []
-    for n in numbers:
-        if out and n == out[-1][1] + 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
-
-
 def parents(resource: ResourcePlan) -> str:
     """Physical parents with replica counts: `GPU 0-3 x4; GPU 4-7 x8` or `MIG 0:0-6, 1:0-6`."""
     counts = dict(resource.replicas)
@@ -125,12 +115,12 @@ def parents(resource: ResourcePlan) -> str:
 def _describe_ids(index_ids: list[str]) -> str:
     """`GPU 0-7` for GPU indices, `MIG 0:0-6, 1:0-2` for MIG indices."""
     if all(":" not in i for i in index_ids):
-        return "GPU " + _ranges([int(i) for i in index_ids])
+        return "GPU " + index_ranges([int(i) for i in index_ids])
     by_gpu: dict[int, list[int]] = {}
     for index_id in index_ids:
         gpu, mig = index_id.split(":")
         by_gpu.setdefault(int(gpu), []).append(int(mig))
-    return "MIG " + ", ".join(f"{g}:{_ranges(m)}" for g, m in by_gpu.items())
+    return "MIG " + ", ".join(f"{g}:{index_ranges(m)}" for g, m in by_gpu.items())
 
 
 def abridged_ids(resource: ResourcePlan) -> str:
@@ -152,7 +142,7 @@ def _mps_lines(resource: ResourcePlan) -> list[str]:
     if len(by_mib) == 1:
         memory = f"{next(iter(by_mib))} MiB"
     else:
-        memory = ", ".join(f"{mib} MiB on GPU {_ranges(sorted(i))}" for mib, i in by_mib.items())
+        memory = ", ".join(f"{mib} MiB on GPU {index_ranges(i)}" for mib, i in by_mib.items())
     return [
         f"  mps:      per client {spec.active_thread_percentage}% of threads, pinned memory "
         f"{memory}; at most {spec.max_clients_per_gpu} clients per GPU",

@@ -12,18 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sharing.nvml.profiles import MigProfile
+from sharing.ranges import index_ranges
 
 
 def slot_ranges(slots: Iterable[int]) -> str:
     """`slot 4`, `slots 0-3`, `slots 0-3, 6`: memory slots as a message names them."""
-    ordered = sorted(set(slots))
-    runs: list[list[int]] = []
-    for slot in ordered:
-        if runs and slot == runs[-1][1] + 1:
-            runs[-1][1] = slot
-        else:
-            runs.append([slot, slot])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    ordered = set(slots)
+    text = index_ranges(ordered)
     return f"slot {text}" if len(ordered) == 1 else f"slots {text}"
 
 

@@ -17,6 +17,7 @@ from sharing.mig.layout import GpuMigState, Layout, LayoutRequest
 from sharing.mig.names import profile_names, resolve
 from sharing.mig.parted import MigConfig, MigEntry
 from sharing.mig.solver import Unplaceable, place
+from sharing.ranges import index_ranges
 
 
 @dataclass(frozen=True)
@@ -228,16 +229,8 @@ def _message(source: str, name: str, problems: list[tuple[GpuMigState | None, st
         groups.setdefault((gpu.name, reason), []).append(gpu.index)
     parts = list(loose)
     for (model, reason), indices in groups.items():
-        label = f"GPU {_ranges(indices)}" + (f" ({model})" if model else "")
+        label = f"GPU {index_ranges(indices)}" + (f" ({model})" if model else "")
         parts.append(f"{label}: {reason}")
     return f"{source}: config {name!r}: " + "; ".join(parts)
 
 
-def _ranges(indices: list[int]) -> str:
-    runs: list[list[int]] = []
-    for i in sorted(indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
