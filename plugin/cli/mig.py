@@ -160,15 +160,22 @@ def _read_file(args: argparse.Namespace) -> MigPartedFile:
     return parsed
 
 
-def _plan(args: argparse.Namespace) -> int:
+def _plan_node(args: argparse.Namespace, command: str) -> MigPlan | int:
+    """The plan of the chosen config on this node, or the exit status of a one-line error."""
     try:
         parsed = _read_file(args)
         with nvml_session(load_library(args.node)) as nvml:
-            plan = plan_mig(nvml, parsed, args.config)
+            return plan_mig(nvml, parsed, args.config)
     except (ConfigError, MigPlanError) as err:
-        return _fail("plan", err)
+        return _fail(command, err)
     except SharingError as err:
-        return _fail("plan", f"cannot read the node: {err}", EXIT_FAILED)
+        return _fail(command, f"cannot read the node: {err}", EXIT_FAILED)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    plan = _plan_node(args, "plan")
+    if isinstance(plan, int):
+        return plan
     if args.format == "json":
         print(json.dumps(plan_json(plan), indent=2))
     else:
@@ -177,14 +184,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _assert(args: argparse.Namespace) -> int:
-    try:
-        parsed = _read_file(args)
-        with nvml_session(load_library(args.node)) as nvml:
-            plan = plan_mig(nvml, parsed, args.config)
-    except (ConfigError, MigPlanError) as err:
-        return _fail("assert", err)
-    except SharingError as err:
-        return _fail("assert", f"cannot read the node: {err}", EXIT_FAILED)
+    plan = _plan_node(args, "assert")
+    if isinstance(plan, int):
+        return plan
     differences = plan.differences()
     selected = sum(1 for g in plan.gpus if g.request is not None)
     if not differences:
