@@ -1,7 +1,10 @@
 """Loading and validating configs: NVIDIA device plugin `version: v1` files, env and flags.
 
 `load_config(text)` is pure: it parses YAML (or JSON) text into a frozen `Config`, or raises one
-`ConfigError` whose message lists every problem as `<source>: <field path>: <what is wrong>`.
+`ConfigError` whose message lists the problems as `<source>: <field path>: <what is wrong>`.
+Parsing is bounded (sharing.yaml_text): size, depth, value length and alias expansion are
+limited before any value is built, and duplicate keys are errors. Messages are bounded too:
+values are shortened with a marker and at most MAX_MESSAGE_CHARS are kept, the rest counted.
 `apply_overrides` layers environment variables and command-line flags on top (flag > env >
 file > default, facts §2) and validates the result the same way.
 """
@@ -30,6 +33,7 @@ from sharing.config_models import (
     TimeSlicing,
 )
 from sharing.errors import ConfigError
+from sharing.yaml_text import YamlLimitError, parse_yaml, short_repr, shorten, yaml_problem
 
 __all__ = [
     "Config",
@@ -93,6 +97,7 @@ OVERRIDES: tuple[Override, ...] = (
     Override("labels-file", "GFD_OUTPUT_FILE", ("flags", "gfd", "outputFile")),
 )
 
+MAX_MESSAGE_CHARS = 480  # a ConfigError's message; problems past it are counted, not shown
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -104,14 +109,22 @@ def load_config(text: str, *, source: str = "<config>") -> Config:
         ConfigError: the text is not YAML, not a mapping, or fails validation; the message names
             `source`, each field path, the value and what is allowed.
     """
+    source = shorten(source, 160)
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
+    except YamlLimitError as err:
+        raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from err
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(err)}") from None
+    except (ValueError, OverflowError) as err:  # a scalar that cannot be converted (a date)
+        raise ConfigError(f"{source}: a value cannot be read: {yaml_problem(err)}") from None
     if data is None:
         raise ConfigError(f'{source}: the file is empty; it needs at least "version: v1"')
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: must be a mapping of keys, got {type(data).__name__} "
+            f"{short_repr(data)}"
+        )
     return _validate(data, lambda _loc: source)
 
 
@@ -174,20 +187,29 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: object) -> Non
     data[path[-1]] = value
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A short description of a YAML syntax error, with its line."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
-
-
 def _validate(data: dict[str, Any], source_of: typing.Callable[[Loc], str]) -> Config:
     """Validate a mapping into a Config, turning pydantic errors into one ConfigError."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        lines = [f"{source_of(e['loc'])}: {_describe(e)}" for e in err.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(_join_problems(err, source_of)) from None
+
+
+def _join_problems(err: ValidationError, source_of: typing.Callable[[Loc], str]) -> str:
+    """One line per problem, as many as fit in MAX_MESSAGE_CHARS; the rest counted."""
+    problems = err.errors(include_url=False, include_context=True, include_input=True)
+    lines: list[str] = []
+    used = 0
+    for shown, error in enumerate(problems):
+        line = shorten(f"{source_of(error['loc'])}: {_describe(error)}", 300)
+        left = len(problems) - shown - 1
+        tail = len(f"\n(and {left} more problems)") if left else 0
+        if lines and used + len(line) + 1 + tail > MAX_MESSAGE_CHARS:
+            lines.append(f"(and {len(problems) - shown} more problems)")
+            break
+        lines.append(line)
+        used += len(line) + 1
+    return "\n".join(lines)
 
 
 def format_loc(loc: Sequence[str | int]) -> str:
@@ -197,7 +219,8 @@ def format_loc(loc: Sequence[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = shorten(str(part), 40)
+            out += f".{text}" if out else text
     return out
 
 
@@ -217,7 +240,8 @@ def _describe(error: Mapping[str, Any]) -> str:
 
 def _message(kind: str, value: object, ctx: Mapping[str, Any], default: str) -> str:
     """Our wording for a pydantic error type."""
-    shown = f'"{value}"' if isinstance(value, str) else repr(value)
+    shown = short_repr(value)
+    length = len(value) if isinstance(value, str | tuple | list | dict) else 0
     simple = {
         "missing": "required, but missing",
         "bool_type": f"must be true or false, got {shown}",
@@ -229,14 +253,17 @@ def _message(kind: str, value: object, ctx: Mapping[str, Any], default: str) -> 
         "greater_than_equal": f"must be >= {ctx.get('ge')}, got {shown}",
         "less_than_equal": f"must be <= {ctx.get('le')}, got {shown}",
         "too_short": "must list at least one entry",
+        "too_long": f"must list at most {ctx.get('max_length')} entries, got {length:,}",
+        "string_too_long": f"must be at most {ctx.get('max_length')} characters, got {length:,}",
+        "invalid_key": f"keys must be strings, got {shown}",
     }
     if kind in simple:
         return simple[kind]
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}, got {shown}"
     if kind == "value_error":
-        return str(ctx.get("error", default))
-    return f"{default}, got {shown}"
+        return shorten(str(ctx.get("error", default)), 240)
+    return f"{shorten(default, 120)}, got {shown}"
 
 
 def _suggest(loc: Loc) -> str:
@@ -244,6 +271,8 @@ def _suggest(loc: Loc) -> str:
     key = str(loc[-1])
     parent = _model_at(loc[:-1])
     siblings = list(_aliases(parent)) if parent else []
+    if len(key) > 64:
+        return f"valid keys here: {', '.join(siblings)}"
     for path in _all_paths(Config):
         if path.rsplit(".", 1)[-1].lower() == key.lower() and path != format_loc(loc):
             return f"did you mean {path}?"

@@ -4,10 +4,15 @@ Every model forbids unknown keys and is frozen. Field aliases are the camelCase 
 Values are normalised while parsing (resource names get their `nvidia.com/` prefix, durations
 become seconds, memory sizes MiB), and each normalised value is valid input again, so a dumped
 config (`model_dump(by_alias=True)`) validates to the same config.
+
+Every field is bounded (see the MAX_* constants): replicas, counts, list lengths, string lengths,
+durations and sizes, so no value can make planning or serving unbounded. Values quoted in
+error messages are shortened.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Annotated, Literal
 
@@ -25,6 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from sharing.cron import cron_trigger
+from sharing.yaml_text import short_repr
 
 DEFAULT_PREFIX = "nvidia.com"
 MAX_RESOURCE_NAME = 63
@@ -33,12 +39,25 @@ _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _GPU_UUID = re.compile(rf"GPU-{_UUID}")
-_MIG_UUID = re.compile(rf"MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
-_MIG_INDEX = re.compile(r"\d+:\d+")
+_MIG_UUID = re.compile(rf"MIG-{_UUID}|MIG-GPU-{_UUID}/\d{{1,4}}/\d{{1,4}}")
+_MIG_INDEX = re.compile(r"\d{1,4}:\d{1,4}")
+_GPU_INDEX = re.compile(r"\d{1,4}")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_MEMORY = re.compile(r"(\d+)([MG])")
+_MEMORY = re.compile(r"(\d{1,9})([MG])")
 MAX_MIG_CONFIG_NAME = 128
+
+# Bounds of every field. Replicas: with at most MAX_DEVICES_PER_RESOURCE IDs per resource
+# (sharing.message_budget) the largest ListAndWatch message stays far below the kubelet's 4 MiB.
+MAX_REPLICAS = 1024  # replicas of one physical device
+MAX_DEVICE_REFS = 1024  # entries of one `devices` list, and the largest `devices` count
+MAX_GPU_INDEX = 9999
+MAX_ENTRIES = 256  # entries of each `resources` list and each XID / channel list
+MAX_TEXT = 4096  # characters of any string (PATH_MAX)
+MAX_PATTERN = 256  # characters of a `resources.gpus[].pattern`
+MAX_DURATION_S = 7 * 24 * 3600.0
+MAX_MEMORY_MIB = 1 << 24  # 16 TiB
+MAX_ID = 2**32 - 1  # XIDs and IMEX channel IDs
 
 
 class FieldIssue(ValueError):
@@ -51,8 +70,8 @@ class FieldIssue(ValueError):
 
 
 def _quote(value: object) -> str:
-    """A value as it appears in error messages."""
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    """A value as it appears in error messages: quoted, shortened, bounded."""
+    return short_repr(value)
 
 
 def resource_name(value: object) -> str:
@@ -78,18 +97,18 @@ def resource_name(value: object) -> str:
 
 def device_ref(value: object) -> str:
     """Check one entry of a `devices` list and return it as a string."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GPU_INDEX:
         return str(value)
     if isinstance(value, str) and (
-        value.isdigit()
+        _GPU_INDEX.fullmatch(value)
         or _MIG_INDEX.fullmatch(value)
         or _GPU_UUID.fullmatch(value)
         or _MIG_UUID.fullmatch(value)
     ):
         return value
     raise ValueError(
-        f'must be a GPU index, a MIG index "<gpu>:<mig>", a GPU-<uuid> or a MIG-<uuid>, '
-        f"got {_quote(value)}"
+        f'must be a GPU index (0-{MAX_GPU_INDEX}), a MIG index "<gpu>:<mig>", a GPU-<uuid> '
+        f"or a MIG-<uuid>, got {_quote(value)}"
     )
 
 
@@ -102,12 +121,19 @@ def devices_spec(value: object) -> str | int | tuple[str, ...]:
     if isinstance(value, bool):
         raise ValueError(f'must be "all", a count or a list of devices, got {value!r}')
     if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"a device count must be >= 1, got {value}")
+        if not 1 <= value <= MAX_DEVICE_REFS:
+            raise ValueError(
+                f"a device count must be between 1 and {MAX_DEVICE_REFS}, got {_quote(value)}"
+            )
         return value
     if isinstance(value, list | tuple):
         if not value:
             raise ValueError('the device list is empty; list at least one device or use "all"')
+        if len(value) > MAX_DEVICE_REFS:
+            raise ValueError(
+                f"the device list has {len(value):,} entries; at most {MAX_DEVICE_REFS} "
+                "are allowed"
+            )
         refs = []
         for i, item in enumerate(value):
             try:
@@ -119,32 +145,44 @@ def devices_spec(value: object) -> str | int | tuple[str, ...]:
 
 
 def duration_s(value: object) -> float:
-    """Parse a duration: seconds as a number, or a string like "250ms", "30s", "5m", "1h30m"."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str) and value:
+    """Parse a duration: seconds as a number, or a string like "250ms", "30s", "5m", "1h30m".
+
+    At most MAX_DURATION_S (7 days); NaN and infinity are refused.
+    """
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value) if abs(value) < 1e300 else None
+    elif isinstance(value, str) and value and len(value) <= 64:
         parts = _DURATION_PART.findall(value)
         if "".join(n + u for n, u in parts) == value:
-            return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    raise ValueError(
-        f'must be a duration such as "250ms", "30s", "5m" or a number of seconds, '
-        f"got {_quote(value)}"
-    )
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds is None or not 0 <= seconds <= MAX_DURATION_S:  # NaN fails both comparisons
+        raise ValueError(
+            f'must be a duration such as "250ms", "30s", "5m" or a number of seconds, '
+            f"at most 7 days, got {_quote(value)}"
+        )
+    return seconds
 
 
 def memory_mib(value: object) -> int:
-    """Parse a per-replica memory limit: "4096M", "4G" or a number of MiB."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (match := _MEMORY.fullmatch(value)) and int(match[1]) > 0:
-        return int(match[1]) * (1024 if match[2] == "G" else 1)
-    raise ValueError(f'must be a memory size such as "4096M", "4G" or MiB, got {_quote(value)}')
+    """Parse a per-replica memory limit: "4096M", "4G" or a number of MiB (at most 16 TiB)."""
+    mib = 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        mib = value
+    elif isinstance(value, str) and (match := _MEMORY.fullmatch(value)):
+        mib = int(match[1]) * (1024 if match[2] == "G" else 1)
+    if not 0 < mib <= MAX_MEMORY_MIB:
+        raise ValueError(
+            f'must be a memory size such as "4096M", "4G" or MiB, at most 16 TiB, '
+            f"got {_quote(value)}"
+        )
+    return mib
 
 
 def device_list_strategy(value: object) -> tuple[str, ...]:
     """Parse `deviceListStrategy`: one strategy or a list of them."""
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not items:
+    if not isinstance(items, list | tuple) or not items or len(items) > MAX_ENTRIES:
         raise ValueError(f"must be a strategy or a list of strategies, got {_quote(value)}")
     for i, item in enumerate(items):
         if item not in DEVICE_LIST_STRATEGIES:
@@ -153,6 +191,30 @@ def device_list_strategy(value: object) -> tuple[str, ...]:
                 f"must be one of {', '.join(DEVICE_LIST_STRATEGIES)}, got {_quote(item)}",
             )
     return tuple(items)
+
+
+def host_path(value: object) -> str:
+    """A path flag: `..` components refused (no escaping a root), `//` and `/./` collapsed.
+
+    The empty string stays empty (unset).
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"must be a path, got {_quote(value)}")
+    if "\0" in value:
+        raise ValueError(f"must be a path without NUL characters, got {_quote(value)}")
+    if ".." in value.split("/"):
+        raise ValueError(f'must not contain ".." (a path escaping its root), got {_quote(value)}')
+    if not value:
+        return value
+    normal = posixpath.normpath(value)
+    if value.startswith("//"):  # normpath keeps a leading "//"; one slash means the same
+        normal = "/" + normal.lstrip("/")
+    return normal
+
+
+def _version(value: object) -> object:
+    """`version` as upstream reads it: missing or empty means v1."""
+    return "v1" if value == "" else value
 
 
 def _nonempty(value: tuple[object, ...]) -> tuple[object, ...]:
@@ -167,7 +229,10 @@ Devices = Annotated[str | int | tuple[str, ...], BeforeValidator(devices_spec)]
 DurationS = Annotated[float, BeforeValidator(duration_s)]
 MemoryMiB = Annotated[int, BeforeValidator(memory_mib)]
 DeviceListStrategies = Annotated[tuple[str, ...], BeforeValidator(device_list_strategy)]
-Xid = Annotated[StrictInt, Field(ge=0)]
+Xid = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
+Text = Annotated[StrictStr, Field(max_length=MAX_TEXT)]
+HostPath = Annotated[str, Field(max_length=MAX_TEXT), BeforeValidator(host_path)]
+Replicas = Annotated[StrictInt, Field(ge=2, le=MAX_REPLICAS)]
 
 
 class StrictModel(BaseModel):
@@ -192,14 +257,14 @@ class PluginFlags(StrictModel):
     pass_device_specs: StrictBool = False
     device_list_strategy: DeviceListStrategies = ("envvar",)
     device_id_strategy: Literal["uuid", "index"] = Field("uuid", alias="deviceIDStrategy")
-    cdi_annotation_prefix: StrictStr = "cdi.k8s.io/"
+    cdi_annotation_prefix: Text = "cdi.k8s.io/"
     # gpushare extension: the CDI kind Allocate names; the default one's spec gpushare writes,
     # nvidia.com/gpu names the devices of the NVIDIA Container Toolkit's own spec.
     cdi_kind: Literal["k8s.device-plugin.nvidia.com/gpu", "nvidia.com/gpu"] = (
         "k8s.device-plugin.nvidia.com/gpu"
     )
-    nvidia_ctk_path: StrictStr = Field("/usr/bin/nvidia-ctk", alias="nvidiaCTKPath")
-    container_driver_root: StrictStr = "/driver-root"
+    nvidia_ctk_path: HostPath = Field("/usr/bin/nvidia-ctk", alias="nvidiaCTKPath")
+    container_driver_root: HostPath = "/driver-root"
     shared_devices_allocation_policy: Literal["distributed", "packed"] = "distributed"
 
 
@@ -209,8 +274,8 @@ class GfdFlags(StrictModel):
     oneshot: StrictBool = False
     no_timestamp: StrictBool = False
     sleep_interval: DurationS = 60.0
-    output_file: StrictStr = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
-    machine_type_file: StrictStr = "/sys/class/dmi/id/product_name"
+    output_file: HostPath = "/etc/kubernetes/node-feature-discovery/features.d/gfd"
+    machine_type_file: HostPath = "/sys/class/dmi/id/product_name"
 
 
 class Flags(StrictModel):
@@ -219,9 +284,9 @@ class Flags(StrictModel):
     mig_strategy: Literal["none", "single", "mixed"] = "none"
     fail_on_init_error: StrictBool = True
     restart_on_device_unhealthy: StrictBool = False
-    mps_root: StrictStr = ""
-    nvidia_driver_root: StrictStr = "/"
-    nvidia_dev_root: StrictStr = ""  # empty: same as nvidiaDriverRoot
+    mps_root: HostPath = ""
+    nvidia_driver_root: HostPath = "/"
+    nvidia_dev_root: HostPath = ""  # empty: same as nvidiaDriverRoot
     gdrcopy_enabled: StrictBool = False
     gds_enabled: StrictBool = False
     mofed_enabled: StrictBool = False
@@ -239,7 +304,7 @@ class Flags(StrictModel):
 class NamedPattern(StrictModel):
     """`resources.gpus[]` / `resources.mig[]`: devices whose name matches `pattern` get `name`."""
 
-    pattern: StrictStr
+    pattern: Annotated[StrictStr, Field(max_length=MAX_PATTERN)]
     name: ResourceName
 
     def matches(self, text: str) -> bool:
@@ -251,8 +316,8 @@ class NamedPattern(StrictModel):
 class Resources(StrictModel):
     """`resources`: custom names for full GPUs (by product name) and MIG devices (by profile)."""
 
-    gpus: tuple[NamedPattern, ...] = ()
-    mig: tuple[NamedPattern, ...] = ()
+    gpus: tuple[NamedPattern, ...] = Field((), max_length=MAX_ENTRIES)
+    mig: tuple[NamedPattern, ...] = Field((), max_length=MAX_ENTRIES)
 
 
 class ReplicatedResource(StrictModel):
@@ -265,7 +330,7 @@ class ReplicatedResource(StrictModel):
     name: ResourceName
     rename: ResourceName | None = None
     devices: Devices = "all"
-    replicas: StrictInt = Field(ge=2)
+    replicas: Replicas
     fail_requests_greater_than_one: StrictBool | None = None
 
 
@@ -282,7 +347,7 @@ class TimeSlicing(StrictModel):
     strategy: Literal[""] = ""
     rename_by_default: StrictBool = False
     fail_requests_greater_than_one: StrictBool = False
-    resources: tuple[ReplicatedResource, ...]
+    resources: tuple[ReplicatedResource, ...] = Field(max_length=MAX_ENTRIES)
 
     @field_validator("resources")
     @classmethod
@@ -295,7 +360,7 @@ class Mps(StrictModel):
 
     rename_by_default: StrictBool = False
     fail_requests_greater_than_one: StrictBool = True
-    resources: tuple[MpsReplicatedResource, ...]
+    resources: tuple[MpsReplicatedResource, ...] = Field(max_length=MAX_ENTRIES)
 
     @field_validator("resources")
     @classmethod
@@ -313,7 +378,7 @@ class Sharing(StrictModel):
 class Imex(StrictModel):
     """`imex`: accepted for compatibility with the NVIDIA format; not used by gpushare."""
 
-    channel_ids: tuple[Annotated[StrictInt, Field(ge=0)], ...] = Field((), alias="channelIDs")
+    channel_ids: tuple[Xid, ...] = Field((), alias="channelIDs", max_length=MAX_ENTRIES)
     required: StrictBool = False
 
 
@@ -321,8 +386,8 @@ class Health(StrictModel):
     """`health` (gpushare extension): XID policy and recovery timing."""
 
     disabled: StrictBool = False
-    ignored_xids: tuple[Xid, ...] = (13, 31, 43, 45, 68, 109)
-    reset_required_xids: tuple[Xid, ...] = (48, 79, 95)
+    ignored_xids: tuple[Xid, ...] = Field((13, 31, 43, 45, 68, 109), max_length=MAX_ENTRIES)
+    reset_required_xids: tuple[Xid, ...] = Field((48, 79, 95), max_length=MAX_ENTRIES)
     recovery_quiet_period_s: DurationS = Field(300.0, alias="recoveryQuietPeriod")
     probe_interval_s: DurationS = Field(10.0, alias="probeInterval")
 
@@ -379,9 +444,9 @@ class MigReconfiguration(StrictModel):
 
 
 class Config(StrictModel):
-    """A whole config file (`version: v1`)."""
+    """A whole config file (`version: v1`; missing or empty means v1, as upstream)."""
 
-    version: Literal["v1"]
+    version: Annotated[Literal["v1"], BeforeValidator(_version)] = "v1"
     flags: Flags = Flags()
     resources: Resources = Resources()
     sharing: Sharing = Sharing()

@@ -34,7 +34,6 @@ def ts_entry(extra: str) -> str:
 
 
 INVALID = [
-    pytest.param("flags: {}\n", "config.yaml: version: required, but missing", id="no version"),
     pytest.param(
         "version: v2\n",
         "config.yaml: version: must be one of 'v1', got \"v2\"",
@@ -135,7 +134,8 @@ INVALID = [
     ),
     pytest.param(
         ts_entry("devices: 0\n"),
-        "config.yaml: sharing.timeSlicing.resources[0].devices: a device count must be >= 1, got 0",
+        "config.yaml: sharing.timeSlicing.resources[0].devices: a device count must be between 1 "
+        "and 1024, got 0",
         id="device count zero",
     ),
     pytest.param(
@@ -145,8 +145,8 @@ INVALID = [
     ),
     pytest.param(
         ts_entry("devices: [0, GPU-123]\n"),
-        "config.yaml: sharing.timeSlicing.resources[0].devices[1]: must be a GPU index, a MIG "
-        'index "<gpu>:<mig>", a GPU-<uuid> or a MIG-<uuid>, got "GPU-123"',
+        "config.yaml: sharing.timeSlicing.resources[0].devices[1]: must be a GPU index (0-9999), "
+        'a MIG index "<gpu>:<mig>", a GPU-<uuid> or a MIG-<uuid>, got "GPU-123"',
         id="malformed device reference",
     ),
     pytest.param(
@@ -199,7 +199,7 @@ INVALID = [
         "version: v1\nsharing:\n  mps:\n    resources:\n    - name: gpu\n      replicas: 4\n"
         "      pinnedMemoryLimit: 4T\n",
         "config.yaml: sharing.mps.resources[0].pinnedMemoryLimit: must be a memory size such as "
-        '"4096M", "4G" or MiB, got "4T"',
+        '"4096M", "4G" or MiB, at most 16 TiB, got "4T"',
         id="bad pinned memory limit",
     ),
     pytest.param(
@@ -210,7 +210,7 @@ INVALID = [
     pytest.param(
         "version: v1\nhealth:\n  probeInterval: soon\n",
         'config.yaml: health.probeInterval: must be a duration such as "250ms", "30s", "5m" or '
-        'a number of seconds, got "soon"',
+        'a number of seconds, at most 7 days, got "soon"',
         id="bad duration",
     ),
     pytest.param(
