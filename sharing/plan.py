@@ -6,11 +6,13 @@ value types live in `sharing.plan_types`.
 
 from __future__ import annotations
 
+from sharing import message_budget as mb
 from sharing.config_models import Config
 from sharing.devices import Inventory
 from sharing.errors import PlanError
 from sharing.labels import node_labels
 from sharing.plan_types import Plan, ResourcePlan, ServeOptions
+from sharing.strategies.base import ResourceGroup
 from sharing.strategies.mig import physical_devices
 from sharing.strategies.registry import strategy_for
 from sharing.strategies.selection import build_groups
@@ -42,12 +44,15 @@ def build_plan(inventory: Inventory, config: Config) -> Plan:
     Raises:
         PlanError: the config cannot be applied to this node (unknown device reference, MIG
             single preconditions, MPS on MIG devices or with migStrategy mixed, MPS without
-            mpsRoot, too many MPS clients, overlapping entries, clashing names).
+            mpsRoot, too many MPS clients, overlapping entries, clashing names, more devices
+            in one resource than its ListAndWatch message may carry).
     """
     options = serve_options(config)
     _check_mps_flags(config, options)
     physical = physical_devices(inventory, options.mig_strategy, config.resources)
     groups = build_groups(config, inventory, physical)
+    for group in groups:
+        check_message_budget(group)
     resources = sorted(
         (strategy_for(g.strategy).build_resource(g, options) for g in groups),
         key=lambda r: r.name,
@@ -83,6 +88,37 @@ def _check_mps_flags(config: Config, options: ServeOptions) -> None:
         raise PlanError(
             f"sharing.mps: flags.mpsRoot must be an absolute path, got {options.mps_root!r}"
         )
+
+
+def check_message_budget(group: ResourceGroup) -> None:
+    """Refuse a resource with more devices than one ListAndWatch message may carry.
+
+    Counted before any device is built, so a huge replica count costs nothing.
+
+    Raises:
+        PlanError: naming the config entry, the device count and the message size it needs.
+    """
+    shared = group.strategy != "none"
+    count = sum(m.replicas if shared else 1 for m in group.members)
+    size = 0
+    for member in group.members:
+        numa = mb.WORST_NUMA if member.device.gpu.numa_node is not None else None
+        ids = len(member.device.uuid)
+        lengths = mb.replica_id_lengths(ids, member.replicas) if shared else [ids]
+        size += sum(mb.device_entry_bytes(n, numa_node=numa) for n in lengths)
+    if count <= mb.MAX_DEVICES_PER_RESOURCE and size <= mb.LARGEST_MESSAGE_BYTES:
+        return
+    paths = list(dict.fromkeys(m.entry_path for m in group.members if m.entry_path))
+    where = ", ".join(paths) or group.section_path or "resources"
+    counts = sorted({m.replicas for m in group.members})
+    how = (f" ({len(group.members)} devices x {counts[0]} replicas)"
+           if shared and len(counts) == 1 else "")
+    raise PlanError(
+        f'{where}: "{group.name}" would have {count:,} devices{how}, a ListAndWatch message of '
+        f"up to {size:,} bytes; at most {mb.MAX_DEVICES_PER_RESOURCE:,} devices "
+        f"({mb.LARGEST_MESSAGE_BYTES:,} bytes) per resource are allowed, as the kubelet drops a "
+        f"plugin whose message exceeds {mb.KUBELET_MAX_MESSAGE_BYTES:,} bytes"
+    )
 
 
 def _check_suffixes(resources: list[ResourcePlan]) -> None:

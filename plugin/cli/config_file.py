@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,8 +13,16 @@ from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError
 from sharing.plan import build_plan
 from sharing.plan_types import Plan
+from sharing.yaml_text import MAX_TEXT_BYTES, shorten
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def config_path(explicit: str | None, env: Mapping[str, str]) -> str | None:
@@ -28,13 +38,59 @@ def load_config_file(
     Raises:
         ConfigError: the file cannot be read or is invalid; the message starts with the path.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text file ({err.reason})") from err
+    text = read_config_text(path)
     return apply_overrides(load_config(text, source=str(path)), env, overrides)
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file: a regular file (links followed) of at most MAX_TEXT_BYTES.
+
+    Opening never blocks (a FIFO is refused, not waited on) and at most MAX_TEXT_BYTES + 1
+    bytes are read, whatever the path names (a link to /dev/zero is refused too).
+
+    Raises:
+        ConfigError: missing, unreadable, not a regular file, too large or not UTF-8 text; one
+            line naming the path.
+    """
+    name = shorten(str(path), 160)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read the config file: {err.strerror or err}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        kind = next((what for test, what in _KINDS if test(mode)), None)
+        if kind is not None or not stat.S_ISREG(mode):
+            raise ConfigError(f"{name}: not a regular file ({kind or 'unknown type'})")
+        data = _read_at_most(fd, MAX_TEXT_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot read the config file: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ConfigError(
+            f"{name}: the file is larger than {MAX_TEXT_BYTES:,} bytes, the limit for a config"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{name}: not a text file (not UTF-8 at byte {err.start:,}: {err.reason})"
+        ) from None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from a file descriptor."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def build_plan_from(inventory: Inventory, config: Config, path: str | Path | None) -> Plan:
