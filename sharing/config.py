@@ -230,6 +230,9 @@ def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     value = error.get("input")
     ctx = error.get("ctx") or {}
+    if kind == "invalid_key":
+        where = format_loc(loc[:-1]) or "top level"
+        return f"{where}: keys must be strings, got {short_repr(value)}"
     if kind == "extra_forbidden":
         return f"{format_loc(loc)}: unknown key; {_suggest(loc)}"
     cause = ctx.get("error")
@@ -255,7 +258,6 @@ def _message(kind: str, value: object, ctx: Mapping[str, Any], default: str) -> 
         "too_short": "must list at least one entry",
         "too_long": f"must list at most {ctx.get('max_length')} entries, got {length:,}",
         "string_too_long": f"must be at most {ctx.get('max_length')} characters, got {length:,}",
-        "invalid_key": f"keys must be strings, got {shown}",
     }
     if kind in simple:
         return simple[kind]

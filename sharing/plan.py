@@ -115,9 +115,9 @@ def check_message_budget(group: ResourceGroup) -> None:
            if shared and len(counts) == 1 else "")
     raise PlanError(
         f'{where}: "{group.name}" would have {count:,} devices{how}, a ListAndWatch message of '
-        f"up to {size:,} bytes; at most {mb.MAX_DEVICES_PER_RESOURCE:,} devices "
-        f"({mb.LARGEST_MESSAGE_BYTES:,} bytes) per resource are allowed, as the kubelet drops a "
-        f"plugin whose message exceeds {mb.KUBELET_MAX_MESSAGE_BYTES:,} bytes"
+        f"up to {size:,} bytes; at most {mb.MAX_DEVICES_PER_RESOURCE:,} devices and "
+        f"{mb.LARGEST_MESSAGE_BYTES:,} bytes per resource are allowed (the kubelet drops a "
+        f"plugin whose message exceeds {mb.KUBELET_MAX_MESSAGE_BYTES:,} bytes)"
     )
 
 

@@ -74,6 +74,18 @@ def _events(loader: Any) -> Iterator[yaml.Event]:
         yield loader.get_event()
 
 
+def _events_within_depth(loader: Any) -> Iterator[yaml.Event]:
+    """The parser's events; libyaml's own nesting limit reported as ours."""
+    try:
+        yield from _events(loader)
+    except yaml.YAMLError as err:
+        if "maximum nesting depth" not in str(getattr(err, "problem", "")):
+            raise
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise YamlLimitError(f"{where}nested deeper than {MAX_DEPTH} levels") from None
+
+
 def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
     """Walk the parser's events and refuse text past a limit, before any value is built.
 
@@ -93,7 +105,7 @@ def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
     total = 0
     loader = loader_class(text)
     try:
-        for event in _events(loader):
+        for event in _events_within_depth(loader):
             if isinstance(event, _COLLECTION_START):
                 if len(sizes) >= MAX_DEPTH:
                     raise YamlLimitError(
@@ -164,11 +176,21 @@ class _StrictConstructor(SafeConstructor):
 
 
 class _TabTolerantScanner(yaml.scanner.Scanner):
-    """The pure-Python scanner with libyaml's rule for tabs between tokens.
+    """The pure-Python scanner with libyaml's rule for tabs between tokens, and a flow depth
+    limit.
 
     libyaml skips a tab where a simple key cannot start or inside flow collections, so
     `version: v1<TAB># comment` parses; PyYAML's scanner stops there.
     """
+
+    def fetch_flow_collection_start(self, token_class: type) -> None:
+        # The scanner looks ahead across every `[` before the parser sees the first one; stop
+        # at libyaml's kind of limit instead of scanning thousands of levels.
+        if self.flow_level >= MAX_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, "exceeded maximum nesting depth", self.get_mark()
+            )
+        super().fetch_flow_collection_start(token_class)
 
     def scan_to_next_token(self) -> None:
         if self.index == 0 and self.peek() == "\ufeff":
