@@ -12,7 +12,15 @@ from itertools import combinations
 from math import comb
 
 from sharing.errors import InvalidRequest
+from sharing.message_budget import MAX_DEVICES_PER_RESOURCE
 from sharing.plan_types import Plan, ResourcePlan, VirtualDevice
+from sharing.text import short_repr
+
+# Bounds of one kubelet request: no resource has more IDs than MAX_DEVICES_PER_RESOURCE, and
+# gpushare's longest ID has 55 characters.
+MAX_CONTAINERS_PER_REQUEST = 256
+MAX_IDS_PER_CONTAINER = MAX_DEVICES_PER_RESOURCE
+MAX_ID_CHARS = 256
 
 # Above this many candidate sets, full-GPU selection switches from exhaustive search to greedy.
 MAX_EXHAUSTIVE_SETS = 5000
@@ -21,6 +29,41 @@ FAIL_GREATER_THAN_ONE = (
     'invalid allocation request for "{resource}": invalid request: '
     "maximum request size for shared resources is 1; found {n}"
 )
+
+
+def check_container_count(method: str, resource_name: str, containers: int) -> None:
+    """Refuse a request with more container requests than MAX_CONTAINERS_PER_REQUEST.
+
+    Raises:
+        InvalidRequest: naming the resource, the count and the bound.
+    """
+    if containers > MAX_CONTAINERS_PER_REQUEST:
+        raise InvalidRequest(
+            f'invalid {method} request for "{resource_name}": {containers:,} container '
+            f"requests; at most {MAX_CONTAINERS_PER_REQUEST}"
+        )
+
+
+def check_id_lists(method: str, resource_name: str, id_lists: Sequence[Sequence[str]]) -> None:
+    """Refuse ID lists past the bounds before any ID is looked up.
+
+    Raises:
+        InvalidRequest: too many IDs in one list, or an ID longer than MAX_ID_CHARS; the message
+            names the resource and the bound.
+    """
+    where = f'invalid {method} request for "{resource_name}"'
+    for ids in id_lists:
+        if len(ids) > MAX_IDS_PER_CONTAINER:
+            raise InvalidRequest(
+                f"{where}: {len(ids):,} device IDs in one container request; "
+                f"at most {MAX_IDS_PER_CONTAINER:,}"
+            )
+        for device_id in ids:
+            if len(device_id) > MAX_ID_CHARS:
+                raise InvalidRequest(
+                    f"{where}: device ID {short_repr(device_id)} is {len(device_id):,} "
+                    f"characters; at most {MAX_ID_CHARS}"
+                )
 
 
 def validate_allocate(resource: ResourcePlan, ids: Sequence[str]) -> None:
@@ -37,11 +80,12 @@ def validate_allocate(resource: ResourcePlan, ids: Sequence[str]) -> None:
     for device_id in ids:
         if resource.device(device_id) is None:
             raise InvalidRequest(
-                f'invalid allocation request for "{name}": unknown device "{device_id}"'
+                f'invalid allocation request for "{name}": unknown device {short_repr(device_id)}'
             )
         if device_id in seen:
             raise InvalidRequest(
-                f'invalid allocation request for "{name}": device "{device_id}" requested twice'
+                f'invalid allocation request for "{name}": device {short_repr(device_id)} '
+                "requested twice"
             )
         seen.add(device_id)
     if resource.shared and resource.fail_requests_greater_than_one and len(ids) > 1:
@@ -62,13 +106,21 @@ def preferred_allocation(
     shared-devices policy (`distributed` or `packed`) for replicas.
 
     Raises:
-        InvalidRequest: unknown resource or ID, or a size that cannot be met.
+        InvalidRequest: unknown resource or ID, a must-include ID that is not available, or a
+            size that cannot be met.
     """
     resource = plan.resource(resource_name)
     if resource is None:
         raise InvalidRequest(f'unknown resource "{resource_name}"')
     avail = _checked(resource, available, "available")
     must = _checked(resource, must_include, "must-include")
+    avail_ids = {d.id for d in avail}
+    missing = next((d.id for d in must if d.id not in avail_ids), None)
+    if missing is not None:
+        raise InvalidRequest(
+            f'preferred allocation for "{resource.name}": must-include device '
+            f"{short_repr(missing)} is not among the available devices"
+        )
     _check_size(resource_name, avail, must, size)
     must_ids = {d.id for d in must}
     pool = [d for d in avail if d.id not in must_ids]
@@ -92,7 +144,8 @@ def _checked(resource: ResourcePlan, ids: Sequence[str], what: str) -> list[Virt
     if None in devices:
         unknown = next(i for i in ids if lookup(i) is None)
         raise InvalidRequest(
-            f'preferred allocation for "{resource.name}": unknown {what} device "{unknown}"'
+            f'preferred allocation for "{resource.name}": unknown {what} device '
+            f"{short_repr(unknown)}"
         )
     return devices  # type: ignore[return-value]
 
@@ -108,8 +161,7 @@ def _check_size(
             f'preferred allocation for "{name}": {len(must)} must-include devices '
             f"exceed the requested size {size}"
         )
-    avail_ids = {d.id for d in avail}
-    total = len(avail) + sum(1 for d in must if d.id not in avail_ids)
+    total = len(avail)  # must-include devices are among them
     if size > total:
         raise InvalidRequest(
             f'preferred allocation for "{name}": cannot allocate {size} devices, '

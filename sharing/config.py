@@ -33,7 +33,8 @@ from sharing.config_models import (
     TimeSlicing,
 )
 from sharing.errors import ConfigError
-from sharing.yaml_text import YamlLimitError, parse_yaml, short_repr, shorten, yaml_problem
+from sharing.text import short_repr, shorten
+from sharing.yaml_text import YamlLimitError, parse_yaml, yaml_problem
 
 __all__ = [
     "Config",

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from sharing.cron import cron_trigger
-from sharing.yaml_text import short_repr
+from sharing.text import short_repr
 
 DEFAULT_PREFIX = "nvidia.com"
 MAX_RESOURCE_NAME = 63

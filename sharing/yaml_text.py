@@ -14,7 +14,6 @@ libyaml accepts them. Both give the same values and the same errors.
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -22,46 +21,19 @@ import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode
 
+from sharing.text import SHORT_CHARS, short_repr, shorten
+
 MAX_TEXT_BYTES = 256 * 1024  # config files are a few KB; a ConfigMap holds at most 1 MiB
 MAX_DEPTH = 32  # the deepest config path is 7 levels
 MAX_VALUES = 10_000  # scalars and collections, counting every alias expansion
 MAX_SCALAR_CHARS = 4096  # the longest legitimate value is a path (PATH_MAX)
-SHORT_CHARS = 80  # values quoted in messages are cut to this many characters (names are <= 63)
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
 _COLLECTION_END = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
 
-_repr = reprlib.Repr()
-_repr.maxstring = SHORT_CHARS
-_repr.maxother = SHORT_CHARS
-_repr.maxlevel = 2
-_repr.maxlist = _repr.maxtuple = _repr.maxset = _repr.maxfrozenset = _repr.maxdict = 4
-
-
 class YamlLimitError(ValueError):
     """The text is not YAML within the limits; the message says which limit, and where."""
-
-
-def shorten(text: str, limit: int = SHORT_CHARS) -> str:
-    """`text` cut to `limit` characters, the cut marked with how much was left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}…(+{len(text) - limit} chars)"
-
-
-def short_repr(value: object) -> str:
-    """A bounded repr for messages: strings quoted and cut, long or deep collections elided.
-
-    Work is bounded too: a huge or deeply nested value is never rendered in full.
-    """
-    if isinstance(value, str):
-        return f'"{shorten(value)}"'
-    if isinstance(value, bytes | bytearray):
-        head = bytes(value[:SHORT_CHARS])
-        return repr(head) + (f"…(+{len(value) - SHORT_CHARS} bytes)" if len(value) > SHORT_CHARS
-                             else "")
-    return shorten(_repr.repr(value), 2 * SHORT_CHARS)
 
 
 def _line(event: yaml.Event) -> int:

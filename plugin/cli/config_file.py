@@ -13,7 +13,8 @@ from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError
 from sharing.plan import build_plan
 from sharing.plan_types import Plan
-from sharing.yaml_text import MAX_TEXT_BYTES, shorten
+from sharing.text import shorten
+from sharing.yaml_text import MAX_TEXT_BYTES
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
 _KINDS = (

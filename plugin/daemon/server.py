@@ -3,6 +3,15 @@
 The servicer is thin: ListAndWatch streams NodeState snapshots, GetPreferredAllocation delegates
 to sharing.allocation, Allocate to the resource's ResourceAllocator. Bad requests are
 INVALID_ARGUMENT; nothing here calls NVML or touches the disk per request.
+
+Requests arrive as bytes and are parsed here (`device_plugin_handler`), not by grpcio: when
+grpcio's own deserialiser fails it answers INTERNAL, logs a traceback, and keeps every such call
+alive for good (after its status is sent it starts a second status batch on the finished call;
+that batch never completes, so the call, its `_RPCState` and the batch tag stay referenced:
+about 15 KB per request, 157 MiB after 10,000). Parsing here answers INVALID_ARGUMENT and keeps
+nothing. Requests are bounded too: at most MAX_REQUEST_BYTES on the wire, and the container,
+ID-count and ID-length bounds of sharing.allocation. Refusals are logged at most
+REFUSALS_LOGGED_PER_WINDOW per minute, the rest counted.
 """
 
 from __future__ import annotations
@@ -11,24 +20,30 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from plugin.api import pb, pb_grpc
 from plugin.daemon import convert
 from plugin.daemon.allocate import ResourceAllocator
 from plugin.daemon.metrics import AllocateRecorder
+from plugin.daemon.refusals import RateLimitedLog
 from plugin.daemon.state import NodeState
-from sharing.allocation import preferred_allocation
+from sharing.allocation import check_container_count, check_id_lists, preferred_allocation
 from sharing.errors import InvalidRequest
+from sharing.text import shorten
 
 log = logging.getLogger(__name__)
 
 STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
 SOCKET_MODE = 0o600
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request naming 16,384 IDs of 55 characters is ~1 MB
+SERVICE = "v1beta1.DevicePlugin"
 
 
 class DevicePluginServicer(pb_grpc.DevicePluginServicer):
@@ -47,6 +62,9 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         self._allocator = allocator
         self._recorder = recorder
         self._closed = threading.Event()  # one per start: set for good when that run ends
+        self.refusals = RateLimitedLog(
+            log, f"refused requests for {resource_name}", extra={"resource": resource_name}
+        )
 
     def open(self) -> None:
         """Accept streams again (a server restarted after close()).
@@ -58,9 +76,25 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
             self._closed = threading.Event()
 
     def close(self) -> None:
-        """End open ListAndWatch streams promptly."""
+        """End open ListAndWatch streams promptly; log the count of refusals not logged yet."""
         self._closed.set()
         self._state.wake()
+        self.refusals.flush()
+
+    def parse(
+        self, method: str, message_class: type[Message], raw: bytes,
+        context: grpc.ServicerContext,
+    ) -> Message:
+        """A request parsed from its bytes; malformed bytes are INVALID_ARGUMENT."""
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            self._refuse(
+                context, method,
+                f'invalid {method} request for "{self.resource_name}": {len(raw):,} bytes that '
+                f"are not a {message_class.DESCRIPTOR.full_name} message",
+            )
+            raise  # not reached: _refuse aborts the call
 
     def GetDevicePluginOptions(  # noqa: N802 (gRPC method name)
         self, request: pb.Empty, context: grpc.ServicerContext
@@ -88,6 +122,10 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         """The preferred device IDs per container, from the Plan in memory."""
         if not request.container_requests:
             self._refuse_empty(context, "GetPreferredAllocation")
+        self._check_size(
+            context, "GetPreferredAllocation", request.container_requests,
+            lambda req: (req.available_deviceIDs, req.must_include_deviceIDs),
+        )
         plan = self._state.plan
         try:
             choices = [
@@ -111,6 +149,9 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         started = time.perf_counter()
         if not request.container_requests:
             self._refuse_empty(context, "Allocate")
+        self._check_size(
+            context, "Allocate", request.container_requests, lambda req: (req.devices_ids,)
+        )
         allocator = self._allocator(self.resource_name)
         if allocator is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, f'resource "{self.resource_name}" is gone')
@@ -130,10 +171,23 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
         message = f'invalid {method} request for "{self.resource_name}": no container requests'
         self._refuse(context, method, message)
 
+    def _check_size(
+        self, context: grpc.ServicerContext, method: str, containers: Sequence[Message],
+        id_lists: Callable[[Any], Sequence[Sequence[str]]],
+    ) -> None:
+        """Refuse a request past the bounds before its containers or IDs are looked at."""
+        try:
+            check_container_count(method, self.resource_name, len(containers))
+            check_id_lists(
+                method, self.resource_name, [ids for c in containers for ids in id_lists(c)]
+            )
+        except InvalidRequest as err:
+            self._refuse(context, method, str(err))
+
     def _refuse(self, context: grpc.ServicerContext, method: str, message: str) -> None:
         """Abort the call with INVALID_ARGUMENT and this message (it names resource and ID)."""
-        log.warning("%s for %s refused: %s", method, self.resource_name, message,
-                    extra={"resource": self.resource_name})
+        message = shorten(message, 1000)
+        self.refusals.warning(f"{method} for {self.resource_name} refused: {message}")
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     def PreStartContainer(  # noqa: N802
@@ -141,6 +195,41 @@ class DevicePluginServicer(pb_grpc.DevicePluginServicer):
     ) -> pb.PreStartContainerResponse:
         """Nothing to do before a container starts."""
         return convert.pre_start_response()
+
+
+def device_plugin_handler(servicer: DevicePluginServicer) -> grpc.GenericRpcHandler:
+    """The DevicePlugin service with handlers that take the request bytes and parse them."""
+    methods: dict[str, tuple[type[Message], type[Message]]] = {
+        "GetDevicePluginOptions": (pb.Empty, pb.DevicePluginOptions),
+        "GetPreferredAllocation": (pb.PreferredAllocationRequest, pb.PreferredAllocationResponse),
+        "Allocate": (pb.AllocateRequest, pb.AllocateResponse),
+        "PreStartContainer": (pb.PreStartContainerRequest, pb.PreStartContainerResponse),
+    }
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, (request_class, response_class) in methods.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(servicer, name, request_class),
+            request_deserializer=None,
+            response_serializer=response_class.SerializeToString,
+        )
+    handlers["ListAndWatch"] = grpc.unary_stream_rpc_method_handler(
+        _parsing(servicer, "ListAndWatch", pb.Empty),
+        request_deserializer=None,
+        response_serializer=pb.ListAndWatchResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _parsing(
+    servicer: DevicePluginServicer, method: str, request_class: type[Message]
+) -> Callable[[bytes, grpc.ServicerContext], object]:
+    """A handler taking the request's bytes: parse, then call the servicer's method."""
+    behaviour = getattr(servicer, method)
+
+    def handle(raw: bytes, context: grpc.ServicerContext) -> object:
+        return behaviour(servicer.parse(method, request_class, raw, context), context)
+
+    return handle
 
 
 def wait_until_serving(socket_path: Path, timeout_s: float) -> None:
@@ -199,9 +288,10 @@ class PluginServer:
                 futures.ThreadPoolExecutor(
                     max_workers=self._max_workers,
                     thread_name_prefix=f"plugin-{self.socket_path.stem}",
-                )
+                ),
+                options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
             )
-            pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+            server.add_generic_rpc_handlers((device_plugin_handler(self.servicer),))
             try:
                 bound = server.add_insecure_port(f"unix://{self.socket_path}")
             except RuntimeError as err:
