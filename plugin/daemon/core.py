@@ -6,6 +6,10 @@ A change (config file edited, SIGHUP) builds a new Plan and applies the diff: ne
 served and registered, vanished ones stopped, changed device lists pushed on the open streams.
 A file that fails to load or validate changes nothing. Metrics, /healthz, /readyz and the
 node labels file are composed in from `observe`.
+
+A reload never delays serving or stopping: it runs on its own thread (ReloadLoop), and the file
+is read and validated in a child process (ConfigReader) in bounded time and memory; SIGTERM
+abandons a reload in flight.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from mps_daemon import MANAGE_COMPUTE_MODE
 from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
+from plugin.daemon.config_reader import ConfigReader, ReadCancelled
 from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.daemon.kubelet import KubeletLink
 from plugin.daemon.observe import Observability
+from plugin.daemon.reloads import ReloadLoop
 from plugin.daemon.server import PluginServer, create_server
 from plugin.daemon.signals import install_signals, restore_signals
 from plugin.daemon.state import NodeState
@@ -73,6 +79,7 @@ class Daemon:
         metrics_address: str | None = None,
         node_labels: bool = False,
         inotify: bool = True,
+        config_reader: ConfigReader | None = None,
     ) -> None:
         """`metrics_address` serves /metrics, /healthz, /readyz (None: not served); with
         `node_labels` the labels file named by flags.gfd.outputFile is kept; `inotify=False`
@@ -109,7 +116,8 @@ class Daemon:
         self._notify_lock = threading.Lock()  # listeners hear plans in the order applied
         self._wake = threading.Event()
         self._stop_requested = False
-        self._reload_requested = False
+        self._reader = config_reader or ConfigReader()
+        self._reloads = ReloadLoop(self.reload, self._reader.cancel)
         self.cdi = (  # None: no CDI spec is written (`gpushare run` always gives a directory)
             CdiSpecs(spec_dir=cdi_spec_dir, toolkit_dirs=cdi_toolkit_dirs, env=self._env,
                      generator=lambda config: generator_argv(nvml_lib, config))
@@ -128,7 +136,8 @@ class Daemon:
         self.observe.add_liveness("kubelet-watch", lambda: self.link.alive)
         self._config_watch = None
         if config_path:
-            watch = FileWatcher(config_path, self.reload, poll_s=config_poll_s, inotify=inotify)
+            watch = FileWatcher(config_path, self.request_reload, poll_s=config_poll_s,
+                                inotify=inotify)
             self.observe.add_liveness("config-watch", lambda: watch.alive)
             self._config_watch = watch
         if node_labels:
@@ -233,7 +242,9 @@ class Daemon:
                 self._add_mps_supervisor(monitor)
             self.link.start()
             if self._config_watch is not None:
+                self._reader.start()
                 self._config_watch.start()
+            self._reloads.start()
             for component in self._components:
                 component.start()
         except BaseException:
@@ -247,6 +258,8 @@ class Daemon:
         with self._lock:
             self._started = False
             self._stopping = True
+        self._reloads.stop()
+        self._reader.close()
         if self._config_watch is not None:
             self._config_watch.stop()
         self.link.stop()
@@ -268,9 +281,11 @@ class Daemon:
         self._wake.set()
 
     def request_reload(self) -> None:
-        """Ask run_forever to reload (safe from signal handlers and other threads)."""
-        self._reload_requested = True
-        self._wake.set()
+        """Ask for a reload on the reload thread (safe from signal handlers and other threads).
+
+        A reload still reading the file is abandoned for this newer one.
+        """
+        self._reloads.request()
 
     def run_forever(self) -> int:
         """Start if needed, then serve until SIGTERM or SIGINT (clean stop); SIGHUP reloads.
@@ -287,9 +302,6 @@ class Daemon:
                 # only once that thread runs bytecode again, so never block without a timeout.
                 self._wake.wait(SIGNAL_CHECK_S)
                 self._wake.clear()
-                if self._reload_requested and not self._stop_requested:
-                    self._reload_requested = False
-                    self.reload()
         finally:
             restore_signals(previous)
             self.stop()
@@ -300,15 +312,20 @@ class Daemon:
         """Read config and node again and apply the diff; a bad file changes nothing.
 
         Reloads may overlap (config watch, SIGHUP): one that finishes after a later one has
-        applied its plan is dropped, so the newest read always wins.
+        applied its plan is dropped, so the newest read always wins. The file is read in the
+        config reader's child process (bounded time and memory); a read abandoned for a newer
+        reload or for stop() changes nothing.
         """
         source = self.config_path or "the default config"
         with self._lock:
             self._reload_seq += 1
             seq = self._reload_seq
         try:
-            config = self._load_config()
+            config = self._read_config()
             plan, inventory = self._build(config)
+        except ReadCancelled:
+            log.info("reload of %s abandoned: a newer reload or stop came first", source)
+            return False
         except (SharingError, OSError) as err:
             self.reload_failures += 1
             self.metrics.config_reload(False)
@@ -351,6 +368,12 @@ class Daemon:
         if self.config_path is not None:
             return load_config_file(self.config_path, env=self._env, overrides=self._overrides)
         return apply_overrides(default_config(), self._env, self._overrides)
+
+    def _read_config(self) -> Config:
+        """_load_config for a reload: the file is read in the config reader's child process."""
+        if self.config_path is not None:
+            return self._reader.read(self.config_path, env=self._env, overrides=self._overrides)
+        return self._load_config()
 
     def _build(self, config: Config) -> tuple[Plan, Inventory]:
         """Read the node and build the Plan (empty when NVML is unavailable)."""

@@ -1,0 +1,236 @@
+"""Reading the config file for a reload in a separate process, in bounded time and memory.
+
+A reload must never delay serving or stopping, whatever the file holds. Parsing is bounded in
+sharing.yaml_text, but it runs C code (libyaml, pydantic-core) that holds the GIL, so the
+serving threads would still wait on it. Here it runs in a long-lived child process
+(`python -m plugin.daemon.config_reader`) with its own GIL and an address-space limit: the
+daemon sends `{path, env, overrides}` as one JSON line and gets back either the validated
+config (as `model_dump`, validated again on arrival) or the error message. A read that takes
+longer than READ_TIMEOUT_S, a newer reload (`cancel()`) or stop (`close()`) kills the child; a
+new one is started for the next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import resource
+import selectors
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from sharing.config import OVERRIDES, Config
+from sharing.errors import ConfigError
+from sharing.text import shorten
+
+log = logging.getLogger("gpushare.daemon")
+
+READ_TIMEOUT_S = 5.0
+CHILD_MEMORY_BYTES = 512 << 20  # address space of the child (about 40 MB after its imports)
+MAX_REPLY_BYTES = 4 << 20
+_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the `plugin` package
+
+
+class ReadCancelled(Exception):
+    """The read was abandoned: a newer reload or stop() came first."""
+
+
+def reader_command() -> list[str]:
+    """The child's command line: this module run by the daemon's own interpreter."""
+    return [sys.executable, "-m", "plugin.daemon.config_reader"]
+
+
+class ConfigReader:
+    """Reads config files in a child process; one read at a time, any number of threads."""
+
+    def __init__(
+        self, *, command: Sequence[str] | None = None, timeout_s: float = READ_TIMEOUT_S
+    ) -> None:
+        self._command = list(command or reader_command())
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()  # one read at a time
+        self._state = threading.Lock()  # guards the fields below
+        self._child: subprocess.Popen[bytes] | None = None
+        self._reading = False
+        self._cancelled = False
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the child now, so the first read does not wait for its imports."""
+        with self._state:
+            if not self._closed and self._child is None:
+                self._child = self._spawn()
+
+    def read(
+        self, path: Path, *, env: Mapping[str, str], overrides: Mapping[str, object]
+    ) -> Config:
+        """The config at `path` with env and overrides applied, read and validated in the child.
+
+        Raises:
+            ConfigError: the file is invalid, or the child ran out of time or memory.
+            ReadCancelled: cancel() or close() ended the read.
+            OSError: the child cannot be started.
+        """
+        request = {
+            "path": str(path),
+            "env": {o.env: env[o.env] for o in OVERRIDES if o.env in env},
+            "overrides": dict(overrides),
+        }
+        with self._lock:
+            child = self._begin()
+            try:
+                reply = self._exchange(child, json.dumps(request).encode() + b"\n", path)
+            finally:
+                with self._state:
+                    self._reading = False
+        if not isinstance(reply, dict) or "error" in reply:
+            raise ConfigError(shorten(str(reply.get("error") if isinstance(reply, dict) else
+                                          reply), 1000))
+        try:
+            return Config.model_validate(reply.get("config"))
+        except ValidationError as err:  # our own child's dump: not expected
+            raise ConfigError(f"{shorten(str(path), 160)}: the config reader's answer does not "
+                              f"validate ({err.error_count()} problems)") from None
+
+    def cancel(self) -> None:
+        """Abandon the read in flight, if any (the child is killed); later reads go on."""
+        with self._state:
+            if self._reading:
+                self._cancelled = True
+                self._kill_locked()
+
+    def close(self) -> None:
+        """Kill the child and refuse further reads; safe to call twice."""
+        with self._state:
+            self._closed = True
+            self._cancelled = self._reading
+            self._kill_locked()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        env = {"PYTHONPATH": str(_ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        return subprocess.Popen(  # our own interpreter and module, an argument list, no shell
+            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=env, close_fds=True,
+        )
+
+    def _begin(self) -> subprocess.Popen[bytes]:
+        with self._state:
+            if self._closed:
+                raise ReadCancelled("the daemon is stopping")
+            if self._child is None or self._child.poll() is not None:
+                self._child = self._spawn()
+            self._reading, self._cancelled = True, False
+            return self._child
+
+    def _exchange(self, child: subprocess.Popen[bytes], request: bytes, path: Path) -> Any:
+        stdin, stdout = child.stdin, child.stdout
+        assert stdin is not None
+        assert stdout is not None
+        try:
+            stdin.write(request)
+            stdin.flush()
+        except OSError:
+            pass  # the child died; reading its stdout finds out why
+        line = self._read_line(stdout, time.monotonic() + self._timeout_s)
+        name = shorten(str(path), 160)
+        if line is None:
+            with self._state:
+                cancelled = self._cancelled
+                self._kill_locked()
+            if cancelled:
+                raise ReadCancelled(f"reading {name} was abandoned")
+            raise ConfigError(
+                f"{name}: reading the config took longer than {self._timeout_s:g}s or stopped "
+                "its reader; nothing was applied"
+            )
+        try:
+            return json.loads(line)
+        except ValueError as err:
+            with self._state:
+                self._kill_locked()
+            raise ConfigError(f"{name}: the config reader answered garbage: {err}") from None
+
+    def _read_line(self, stream: IO[bytes], deadline: float) -> bytes | None:
+        """One reply line, or None on timeout, end of stream or an oversized reply."""
+        chunks: list[bytes] = []
+        size = 0
+        with selectors.DefaultSelector() as selector:
+            selector.register(stream, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    return None
+                chunk = os.read(stream.fileno(), 65536)
+                if not chunk:
+                    return None
+                chunks.append(chunk)
+                size += len(chunk)
+                if chunk.endswith(b"\n"):
+                    return b"".join(chunks)
+                if size > MAX_REPLY_BYTES:
+                    return None
+
+    def _kill_locked(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        with contextlib.suppress(OSError):
+            child.kill()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def _answer(request: Mapping[str, Any]) -> dict[str, object]:
+    """Read one config file; the reply to send back."""
+    from plugin.cli.config_file import load_config_file
+
+    path = str(request.get("path", ""))
+    try:
+        config = load_config_file(
+            path, env=request.get("env", {}), overrides=request.get("overrides", {})
+        )
+    except ConfigError as err:
+        return {"error": str(err)}
+    except MemoryError:
+        return {"error": f"{shorten(path, 160)}: reading the config needed more than "
+                         f"{CHILD_MEMORY_BYTES >> 20} MiB; nothing was applied"}
+    except Exception as err:  # noqa: BLE001 - the reply must say what happened, in one line
+        return {"error": f"{shorten(path, 160)}: unexpected error reading the config: "
+                         f"{type(err).__name__}: {shorten(str(err), 200)}"}
+    return {"config": config.model_dump(mode="json", by_alias=True, exclude_unset=True)}
+
+
+def main() -> int:
+    """Serve read requests on stdin until it closes."""
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    for line in sys.stdin.buffer:
+        try:
+            reply = _answer(json.loads(line))
+        except ValueError as err:
+            reply = {"error": f"bad request to the config reader: {err}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
