@@ -251,23 +251,25 @@ def test_mps_allocation_and_oversize_request(
 
 
 @pytest.mark.parametrize(
-    ("config", "kubelet_subdir", "message"),
+    ("config", "kubelet_subdir", "message", "exit_status"),
     [
         pytest.param(
             TIME_SLICING_X4.replace("replicas: 4", "replicas: 1"), "",
-            "config.yaml: sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1",
+            "config.yaml: sharing.timeSlicing.resources[0].replicas: must be >= 2, got 1", 2,
             id="invalid config names file and field",
         ),
         pytest.param(
-            TIME_SLICING_X4, "missing", "missing does not exist", id="missing kubelet directory",
+            TIME_SLICING_X4, "missing", "missing does not exist", 1,
+            id="missing kubelet directory",
         ),
     ],
 )
 def test_run_refuses_to_start(
     tmp_path: Path, kubelet_dir: Path, sim_node: Path, capsys: pytest.CaptureFixture[str],
-    config: str, kubelet_subdir: str, message: str,
+    config: str, kubelet_subdir: str, message: str, exit_status: int,
 ) -> None:
-    """`gpushare run` exits 1 with a message naming what is wrong, leaving no socket behind."""
+    """`gpushare run` exits 2 (bad config) or 1 with a message naming what is wrong, leaving no
+    socket behind."""
     from plugin.cli import main
 
     path = tmp_path / "config.yaml"
@@ -275,7 +277,7 @@ def test_run_refuses_to_start(
     target = kubelet_dir / kubelet_subdir if kubelet_subdir else kubelet_dir
     status = main(["run", "--config", str(path), "--node", str(sim_node),
                    "--kubelet-dir", str(target)])
-    assert status == 1
+    assert status == exit_status
     assert message in capsys.readouterr().err
     assert list(kubelet_dir.iterdir()) == []
 

@@ -17,12 +17,13 @@ from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
 from plugin.daemon.control import DEFAULT_CONTROL_SOCKET
 from plugin.daemon.metrics import DEFAULT_ADDRESS
 from plugin.daemon.mig_history import DEFAULT_STATE_DIR
-from sharing.errors import ConfigError, SharingError
+from sharing.errors import ConfigError, PlanError, SharingError
 
 log = logging.getLogger("gpushare.daemon")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_CONFIG = 2
 MPS_COMPUTE_MODE_ENV = "MPS_COMPUTE_MODE"
 METRICS_ADDRESS_ENV = "METRICS_ADDRESS"
 
@@ -31,13 +32,16 @@ RUN_DESCRIPTION = """\
 Serve the node's GPUs to the kubelet: one device plugin server per resource on
 <kubelet-dir>/gpushare-<resource>.sock, registered with the kubelet and registered again
 whenever the kubelet restarts. Editing the config file (or SIGHUP) applies the change without
-a restart; a file that does not validate changes nothing and the error is logged.
-SIGTERM or SIGINT stop cleanly and remove the sockets and the node labels file.
+a restart; a file that does not validate changes nothing and the error is logged. A reload
+never delays serving or stopping: the file is read in a child process with time and memory
+limits. SIGTERM or SIGINT stop cleanly and remove the sockets and the node labels file.
 
 Metrics for Prometheus are served on --metrics-address (default :9402) at /metrics, with
 /healthz (the daemon's loops run) and /readyz (every resource registered with the kubelet).
 The node labels (`gpushare plan` shows them) are kept in --labels-file for
 node-feature-discovery.
+
+Exit status: 0 after a clean stop, 2 for an invalid config at start, 1 for other errors.
 
 Config precedence: command-line flag > environment variable > file > default.
 """
@@ -185,6 +189,9 @@ def run_command(args: argparse.Namespace) -> int:
         )
         _add_mig_jobs(daemon, args, nvml_lib)
         return daemon.run_forever()
+    except (ConfigError, PlanError) as err:
+        print(f"gpushare run: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     except (SharingError, OSError) as err:
         print(f"gpushare run: {err}", file=sys.stderr)
         return EXIT_ERROR

@@ -3,7 +3,8 @@
 A reload must never delay serving or stopping, whatever the file holds. Parsing is bounded in
 sharing.yaml_text, but it runs C code (libyaml, pydantic-core) that holds the GIL, so the
 serving threads would still wait on it. Here it runs in a long-lived child process
-(`python -m plugin.daemon.config_reader`) with its own GIL and an address-space limit: the
+(`python -m plugin.daemon.config_reader`) with its own GIL, a lower CPU priority and an
+address-space limit: the
 daemon sends `{path, env, overrides}` as one JSON line and gets back either the validated
 config (as `model_dump`, validated again on arrival) or the error message. A read that takes
 longer than READ_TIMEOUT_S, a newer reload (`cancel()`) or stop (`close()`) kills the child; a
@@ -37,6 +38,7 @@ log = logging.getLogger("gpushare.daemon")
 READ_TIMEOUT_S = 5.0
 CHILD_MEMORY_BYTES = 512 << 20  # address space of the child (about 40 MB after its imports)
 MAX_REPLY_BYTES = 4 << 20
+CHILD_NICENESS = 10
 _ROOT = Path(__file__).resolve().parents[2]  # the directory holding the `plugin` package
 
 
@@ -222,6 +224,8 @@ def main() -> int:
     """Serve read requests on stdin until it closes."""
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICENESS)  # serving comes first when CPUs are busy
     for line in sys.stdin.buffer:
         try:
             reply = _answer(json.loads(line))
