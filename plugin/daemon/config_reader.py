@@ -149,7 +149,9 @@ class ConfigReader:
         if line is None:
             with self._state:
                 cancelled = self._cancelled
-                self._kill_locked()
+                if self._child is child:
+                    self._child = None
+            _end(child)
             if cancelled:
                 raise ReadCancelled(f"reading {name} was abandoned")
             raise ConfigError(
@@ -160,7 +162,9 @@ class ConfigReader:
             return json.loads(line)
         except ValueError as err:
             with self._state:
-                self._kill_locked()
+                if self._child is child:
+                    self._child = None
+            _end(child)
             raise ConfigError(f"{name}: the config reader answered garbage: {err}") from None
 
     def _read_line(self, stream: IO[bytes], deadline: float) -> bytes | None:
@@ -184,17 +188,28 @@ class ConfigReader:
                     return None
 
     def _kill_locked(self) -> None:
+        """Kill the child. A thread reading from it sees the end of its output and cleans up;
+        with no read in flight the pipes are closed here."""
         child, self._child = self._child, None
         if child is None:
             return
-        with contextlib.suppress(OSError):
-            child.kill()
-        for stream in (child.stdin, child.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=1.0)
+        if self._reading:
+            with contextlib.suppress(OSError):
+                child.kill()
+        else:
+            _end(child)
+
+
+def _end(child: subprocess.Popen[bytes]) -> None:
+    """Kill a child, close its pipes and reap it."""
+    with contextlib.suppress(OSError):
+        child.kill()
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=1.0)
 
 
 # --- the child ------------------------------------------------------------------------------
