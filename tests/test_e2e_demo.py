@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from plugin.cli.demo import run_demo
 
@@ -36,3 +41,40 @@ def test_demo_with_an_mps_config_keeps_mps_in_its_own_directory() -> None:
     assert pipe_mount.group(1).startswith("/tmp/gpushare-demo-")
     assert "MPS control daemon stopped" in text
     assert text.rstrip().endswith("demo complete.")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("config", "lines"),
+    [
+        pytest.param(None, 1, id="default config, cut in the config listing"),
+        pytest.param(None, 20, id="default config, cut while the daemon runs"),
+        pytest.param("mps.yaml", 3, id="MPS config, cut in the config listing"),
+        pytest.param("mps.yaml", 20, id="MPS config, cut while the daemon runs"),
+    ],
+)
+def test_demo_piped_into_head_ends_quietly(config: str | None, lines: int) -> None:
+    """`gpushare demo | head -N`: exit 0 within seconds, no traceback, no directory left."""
+    before = set(Path("/tmp").glob("gpushare-demo-*"))
+    argv = [sys.executable, "-m", "plugin.cli", "demo"]
+    if config:
+        argv += ["--config", str(ROOT / "configs" / config)]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout is not None
+    read = [process.stdout.readline() for _ in range(lines)]
+    process.stdout.close()  # what head does after its last line
+    try:
+        status = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert len(read) == lines
+    assert read[0].startswith(b"gpushare demo: simulated node dgx-a100")
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
+    assert "BrokenPipe" not in stderr
+    assert set(Path("/tmp").glob("gpushare-demo-*")) <= before

@@ -2,11 +2,16 @@
 
 Each step is a function taking the DemoContext, so later parts (health recovery, MPS, MIG
 reconfiguration) can add or extend steps. Everything runs in one temporary directory.
+
+When the reader stops reading (`gpushare demo | head`), the walkthrough ends quietly: the daemon
+and the kubelet stand-in are stopped, the directory removed, and the exit status is 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -49,8 +54,28 @@ class DemoContext:
     notes: list[str] = field(default_factory=list)
 
     def say(self, text: str = "") -> None:
-        """Print one line of the walkthrough."""
-        print(text, file=self.out, flush=True)
+        """Print one line of the walkthrough.
+
+        Raises:
+            ReaderGone: nobody reads the output any more.
+        """
+        _say(self.out, text)
+
+
+class ReaderGone(Exception):
+    """Whoever read the walkthrough stopped reading (a closed pipe, as with `| head`)."""
+
+
+def _say(out: TextIO, text: str = "") -> None:
+    """Print one line; a closed reader ends the walkthrough.
+
+    Raises:
+        ReaderGone: the output is a closed pipe.
+    """
+    try:
+        print(text, file=out, flush=True)
+    except (BrokenPipeError, ValueError) as err:  # ValueError: the stream was closed
+        raise ReaderGone() from err
 
 
 Step = Callable[[DemoContext], None]
@@ -64,11 +89,18 @@ class _Narrator(logging.Handler):
         super().__init__(logging.INFO)
         self.out = out
         self.quiet = quiet
+        self.gone = False
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Runs on the daemon's threads too: a closed reader must never raise there.
+        if self.gone:
+            return
         if record.levelno < logging.WARNING and record.name.startswith(self.quiet or ("\0",)):
             return
-        print(f"    [daemon] {record.getMessage()}", file=self.out, flush=True)
+        try:
+            print(f"    [daemon] {record.getMessage()}", file=self.out, flush=True)
+        except (OSError, ValueError):
+            self.gone = True
 
 
 @contextmanager
@@ -182,16 +214,31 @@ def run_demo(
     *, node: str = "dgx-a100", config: Path | None = None, keep: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run every step; 0 on success, 1 when a step fails (the error is printed)."""
+    """Run every step; 0 on success (or when the reader stopped reading), 1 when a step fails
+    (the error is printed)."""
     workdir = Path(tempfile.mkdtemp(prefix="gpushare-demo-", dir="/tmp"))
     try:
         with narrated_logs(out):
             return _run(workdir, node, config, out)
+    except ReaderGone:
+        _discard_output(out)
+        return 0
     finally:
         if keep:
-            print(f"kept {workdir}", file=out)
+            with contextlib.suppress(ReaderGone):
+                _say(out, f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _discard_output(out: TextIO) -> None:
+    """Point a closed standard output at /dev/null, so the exit flush does not complain."""
+    if out is not sys.stdout:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
@@ -202,11 +249,11 @@ def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
     kubelet_dir.mkdir()
     config_path = workdir / "config.yaml"
     config_path.write_text(config.read_text() if config else DEMO_CONFIG)
-    print(f"gpushare demo: simulated node {node}, kubelet stand-in in {kubelet_dir}", file=out)
-    print("config:", file=out)
+    _say(out, f"gpushare demo: simulated node {node}, kubelet stand-in in {kubelet_dir}")
+    _say(out, "config:")
     for line in config_path.read_text().splitlines():
-        print(f"    {line}", file=out)
-    print(file=out)
+        _say(out, f"    {line}")
+    _say(out)
     try:
         sim_state = Path(node)
         if not is_state_dir(sim_state):
@@ -226,8 +273,8 @@ def _run(workdir: Path, node: str, config: Path | None, out: TextIO) -> int:
             daemon.stop()
             kubelet.stop()
     except (SharingError, OSError, TimeoutError, grpc.RpcError) as err:
-        print(f"gpushare demo failed: {err}", file=out)
+        _say(out, f"gpushare demo failed: {err}")
         return 1
-    print(file=out)
-    print("demo complete.", file=out)
+    _say(out)
+    _say(out, "demo complete.")
     return 0
