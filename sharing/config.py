@@ -120,7 +120,10 @@ def load_config(text: str, *, source: str = "<config>") -> Config:
     except (ValueError, OverflowError) as err:  # a scalar that cannot be converted (a date)
         raise ConfigError(f"{source}: a value cannot be read: {yaml_problem(err)}") from None
     if data is None:
-        raise ConfigError(f'{source}: the file is empty; it needs at least "version: v1"')
+        raise ConfigError(
+            f'{source}: the file is empty; write at least "version: v1" (an empty file is '
+            "refused, so a file caught half-written changes nothing)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: must be a mapping of keys, got {type(data).__name__} "

@@ -40,7 +40,7 @@ INVALID = [
         id="unknown version",
     ),
     pytest.param(
-        "", 'config.yaml: the file is empty; it needs at least "version: v1"', id="empty file"
+        "", 'config.yaml: the file is empty; write at least "version: v1"', id="empty file"
     ),
     pytest.param("- a\n", "config.yaml: must be a mapping of keys, got list", id="not a mapping"),
     pytest.param("version: v1\nflags: [1\n", "config.yaml: not valid YAML: line 3:", id="bad yaml"),
