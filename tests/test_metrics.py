@@ -211,6 +211,20 @@ def test_healthz_names_a_loop_that_stopped(daemon: Daemon) -> None:
 
 
 def test_allocate_reload_and_registration_are_counted(
+    config: Path, kubelet_dir: Path, tmp_path: Path
+) -> None:
+    # The config watch is kept idle: each write is reloaded once, by the explicit calls (the
+    # watch's own reload, on the reload thread, would race them and count again).
+    daemon = make_daemon(config, kubelet_dir, tmp_path, metrics_address="127.0.0.1:0",
+                         config_poll_s=3600.0, inotify=False)
+    daemon.start()
+    try:
+        _count_allocate_reload_and_registration(daemon, config, kubelet_dir)
+    finally:
+        daemon.stop()
+
+
+def _count_allocate_reload_and_registration(
     daemon: Daemon, config: Path, kubelet_dir: Path
 ) -> None:
     port = port_of(daemon)
