@@ -285,3 +285,27 @@ def test_plan_on_hostile_yaml_exits_2_with_one_line(
     assert err.count("\n") == 1
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda p: p.write_text(deep(1000)), "line 3: nested deeper than 32 levels",
+                     id="deep nesting"),
+        pytest.param(lambda p: os.mkfifo(p), "not a regular file (a FIFO)", id="FIFO"),
+        pytest.param(lambda p: p.symlink_to("/dev/zero"), "not a regular file (a character device)",
+                     id="link to /dev/zero"),
+    ],
+)
+def test_run_on_a_hostile_config_exits_2_with_one_line(
+    tmp_path: Path, kubelet_dir: Path, capsys: pytest.CaptureFixture[str], make: object,
+    message: str,
+) -> None:
+    """`gpushare run`: exit 2 at once, one line naming the file, nothing served."""
+    path = tmp_path / "config.yaml"
+    make(path)  # type: ignore[operator]
+    assert main(["run", "--config", str(path), "--node", "dgx-a100",
+                 "--kubelet-dir", str(kubelet_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gpushare run: {path}: {message}\n"
+    assert list(kubelet_dir.iterdir()) == []
