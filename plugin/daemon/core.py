@@ -43,6 +43,7 @@ from sharing.plan_types import Plan
 log = logging.getLogger("gpushare.daemon")
 
 SIGNAL_CHECK_S = 0.1  # how often run_forever lets pending signal handlers run
+SUPERSEDED_WAIT_S = 5.0  # a superseded reload waits this long for the newer plan's listeners
 
 
 class Component(Protocol):
@@ -113,7 +114,7 @@ class Daemon:
         self._reload_seq = 0  # reloads begun; a plan applies only if no later one applied yet
         self._applied_seq = 0
         self._notified_seq = 0
-        self._notify_lock = threading.Lock()  # listeners hear plans in the order applied
+        self._notify_lock = threading.Condition()  # listeners hear plans in the order applied
         self._wake = threading.Event()
         self._stop_requested = False
         self._reader = config_reader or ConfigReader()
@@ -242,7 +243,6 @@ class Daemon:
                 self._add_mps_supervisor(monitor)
             self.link.start()
             if self._config_watch is not None:
-                self._reader.start()
                 self._config_watch.start()
             self._reloads.start()
             for component in self._components:
@@ -392,44 +392,61 @@ class Daemon:
         """Serve `plan`: CDI spec first, then stop vanished resources, push changed lists,
         serve and register new ones.
 
-        Nothing happens once stop() began, or when a later reload (`seq`) applied already.
+        Nothing happens once stop() began, or when a later reload (`seq`) applied already; then
+        this returns once that later plan's listeners have heard it (at most SUPERSEDED_WAIT_S),
+        so after any reload returns, a plan at least as new as the one it read is in effect.
         At start (seq 0) a CDI spec that cannot be written fails the start; later it is logged.
         """
         with self._lock:
             if self._stopping:
                 log.info("reload finished after stop began: not applied")
                 return
-            if seq < self._applied_seq:
-                log.info("reload superseded by a later one: not applied")
-                return
-            if self.cdi is not None and cdi is not None:
-                self.cdi.commit(cdi, strict=seq == 0)
-            self._applied_seq = seq
-            self.config = config
-            diff = self.state.plan.diff(plan)
-            self.link.forget(diff.removed)
-            for name in diff.removed:
-                self._servers.pop(name).stop()
-                log.info("stopped serving %s", name)
-            self._allocators = build_allocators(plan.resources, plan.options)
-            self.state.set_plan(plan)
-            self.inventory = inventory
-            for name in diff.changed:
-                count = len(plan.resource(name).devices)  # type: ignore[union-attr]
-                log.info("%s now has %d devices: new list sent to the kubelet", name, count)
-            if diff.options_changed and self._servers:
-                log.info("serve options changed: %s", plan.options)
-            for name in diff.added:
-                self._serve(plan, name)
-            self.link.request(diff.added)
-            if not plan.resources:
-                log.warning("the plan has no resources: nothing is advertised to the kubelet")
+            newer = self._applied_seq
+            if seq >= newer:
+                self._apply_locked(plan, inventory, config=config, seq=seq, cdi=cdi)
+        if seq < newer:
+            log.info("reload superseded by a later one: not applied")
+            with self._notify_lock:
+                self._notify_lock.wait_for(
+                    lambda: self._notified_seq >= newer or self._stopping, SUPERSEDED_WAIT_S
+                )
+            return
         with self._notify_lock:
             if seq < self._notified_seq:
                 return
             self._notified_seq = seq
-            for listener in self._listeners:
-                listener(plan, inventory)
+            try:
+                for listener in self._listeners:
+                    listener(plan, inventory)
+            finally:
+                self._notify_lock.notify_all()
+
+    def _apply_locked(
+        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None
+    ) -> None:
+        """The serving part of _apply, under the daemon's lock."""
+        if self.cdi is not None and cdi is not None:
+            self.cdi.commit(cdi, strict=seq == 0)
+        self._applied_seq = seq
+        self.config = config
+        diff = self.state.plan.diff(plan)
+        self.link.forget(diff.removed)
+        for name in diff.removed:
+            self._servers.pop(name).stop()
+            log.info("stopped serving %s", name)
+        self._allocators = build_allocators(plan.resources, plan.options)
+        self.state.set_plan(plan)
+        self.inventory = inventory
+        for name in diff.changed:
+            count = len(plan.resource(name).devices)  # type: ignore[union-attr]
+            log.info("%s now has %d devices: new list sent to the kubelet", name, count)
+        if diff.options_changed and self._servers:
+            log.info("serve options changed: %s", plan.options)
+        for name in diff.added:
+            self._serve(plan, name)
+        self.link.request(diff.added)
+        if not plan.resources:
+            log.warning("the plan has no resources: nothing is advertised to the kubelet")
 
     def _add_health_monitor(self, config: Config) -> HealthMonitor | None:
         """Watch NVML events and probes; the monitor follows every applied Plan."""
