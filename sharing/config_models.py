@@ -46,6 +46,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _MEMORY = re.compile(r"(\d{1,9})([MG])")
 MAX_MIG_CONFIG_NAME = 128
+MAX_CRON = 256
 
 # Bounds of every field. Replicas: with at most MAX_DEVICES_PER_RESOURCE IDs per resource
 # (sharing.message_budget) the largest ListAndWatch message stays far below the kubelet's 4 MiB.
@@ -394,6 +395,10 @@ class Health(StrictModel):
 
 def cron_expression(value: object) -> str:
     """Check a `schedule[].cron` expression (crontab meaning; 5 fields, or 6 with seconds)."""
+    if isinstance(value, str) and len(value) > MAX_CRON:
+        raise ValueError(
+            f"must be a cron expression of at most {MAX_CRON} characters, got {len(value):,}"
+        )
     cron_trigger(value, timezone="UTC")  # type: ignore[arg-type]
     return " ".join(str(value).split())
 
@@ -429,8 +434,8 @@ class MigReconfiguration(StrictModel):
     and with `killProcesses` kills the ones still there instead of failing.
     """
 
-    config_file: StrictStr | None = None
-    schedule: tuple[MigScheduleEntry, ...] = ()
+    config_file: HostPath | None = None
+    schedule: tuple[MigScheduleEntry, ...] = Field((), max_length=MAX_ENTRIES)
     drain_timeout_s: DurationS = Field(300.0, alias="drainTimeout", le=86400.0)
     kill_processes: StrictBool = False
 

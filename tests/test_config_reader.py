@@ -87,7 +87,7 @@ def test_cancel_and_close_end_a_read_in_flight_at_once(tmp_path: Path, end: str)
 
     def read() -> None:
         try:
-            reader.read(path, env={}, overrides={})
+            reader.read(path, env={}, overrides={}, cancellable=True)
         except BaseException as err:  # noqa: BLE001 - recorded for the assertion
             outcome.append(err)
 
@@ -101,6 +101,30 @@ def test_cancel_and_close_end_a_read_in_flight_at_once(tmp_path: Path, end: str)
     assert time.monotonic() - began < 1.5
     assert [type(e) for e in outcome] == [ReadCancelled]
     reader.close()
+
+
+def test_cancel_spares_a_read_that_is_not_cancellable(tmp_path: Path) -> None:
+    """A direct reload (a MIG job's) is not abandoned by a newer change; close() still ends it."""
+    reader = ConfigReader(command=STUCK, timeout_s=60)
+    path = tmp_path / "c.yaml"
+    path.write_text(time_slicing(2))
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            reader.read(path, env={}, overrides={})
+        except BaseException as err:  # noqa: BLE001 - recorded for the assertion
+            outcome.append(err)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    time.sleep(0.3)
+    reader.cancel()
+    thread.join(0.5)
+    assert thread.is_alive()
+    reader.close()
+    thread.join(5)
+    assert [type(e) for e in outcome] == [ReadCancelled]
 
 
 def test_stuck_reload_neither_blocks_allocate_nor_sigterm(

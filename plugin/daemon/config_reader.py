@@ -64,13 +64,17 @@ class ConfigReader:
         self._state = threading.Lock()  # guards the fields below
         self._child: subprocess.Popen[bytes] | None = None
         self._reading = False
+        self._cancellable = False  # the read in flight may be abandoned by cancel()
         self._cancelled = False
         self._closed = False
 
     def read(
-        self, path: Path, *, env: Mapping[str, str], overrides: Mapping[str, object]
+        self, path: Path, *, env: Mapping[str, str], overrides: Mapping[str, object],
+        cancellable: bool = False,
     ) -> Config:
         """The config at `path` with env and overrides applied, read and validated in the child.
+
+        Only a `cancellable` read is abandoned by cancel(); close() ends any.
 
         Raises:
             ConfigError: the file is invalid, or the child ran out of time or memory.
@@ -83,7 +87,7 @@ class ConfigReader:
             "overrides": dict(overrides),
         }
         with self._lock:
-            child = self._begin()
+            child = self._begin(cancellable)
             try:
                 reply = self._exchange(child, json.dumps(request).encode() + b"\n", path)
             finally:
@@ -99,9 +103,10 @@ class ConfigReader:
                               f"validate ({err.error_count()} problems)") from None
 
     def cancel(self) -> None:
-        """Abandon the read in flight, if any (the child is killed); later reads go on."""
+        """Abandon the read in flight if it is cancellable (the child is killed); later reads
+        go on."""
         with self._state:
-            if self._reading:
+            if self._reading and self._cancellable:
                 self._cancelled = True
                 self._kill_locked()
 
@@ -121,13 +126,13 @@ class ConfigReader:
             stderr=subprocess.DEVNULL, env=env, close_fds=True,
         )
 
-    def _begin(self) -> subprocess.Popen[bytes]:
+    def _begin(self, cancellable: bool) -> subprocess.Popen[bytes]:
         with self._state:
             if self._closed:
                 raise ReadCancelled("the daemon is stopping")
             if self._child is None or self._child.poll() is not None:
                 self._child = self._spawn()
-            self._reading, self._cancelled = True, False
+            self._reading, self._cancellable, self._cancelled = True, cancellable, False
             return self._child
 
     def _exchange(self, child: subprocess.Popen[bytes], request: bytes, path: Path) -> Any:

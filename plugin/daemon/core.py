@@ -118,7 +118,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop_requested = False
         self._reader = config_reader or ConfigReader()
-        self._reloads = ReloadLoop(self.reload, self._reader.cancel)
+        self._reloads = ReloadLoop(lambda: self.reload(abandonable=True), self._reader.cancel)
         self.cdi = (  # None: no CDI spec is written (`gpushare run` always gives a directory)
             CdiSpecs(spec_dir=cdi_spec_dir, toolkit_dirs=cdi_toolkit_dirs, env=self._env,
                      generator=lambda config: generator_argv(nvml_lib, config))
@@ -308,20 +308,21 @@ class Daemon:
         log.info("stopped; sockets removed")
         return 0
 
-    def reload(self) -> bool:
+    def reload(self, *, abandonable: bool = False) -> bool:
         """Read config and node again and apply the diff; a bad file changes nothing.
 
-        Reloads may overlap (config watch, SIGHUP): one that finishes after a later one has
-        applied its plan is dropped, so the newest read always wins. The file is read in the
-        config reader's child process (bounded time and memory); a read abandoned for a newer
-        reload or for stop() changes nothing.
+        Reloads may overlap (the reload thread, MIG jobs, direct calls): one that finishes after
+        a later one has applied its plan is dropped, so the newest read always wins. The file is
+        read in the config reader's child process (bounded time and memory). An `abandonable`
+        read (the reload thread's) is abandoned for a newer change; stop() abandons any; an
+        abandoned reload changes nothing and returns False.
         """
         source = self.config_path or "the default config"
         with self._lock:
             self._reload_seq += 1
             seq = self._reload_seq
         try:
-            config = self._read_config()
+            config = self._read_config(abandonable)
             plan, inventory = self._build(config)
         except ReadCancelled:
             log.info("reload of %s abandoned: a newer reload or stop came first", source)
@@ -369,10 +370,11 @@ class Daemon:
             return load_config_file(self.config_path, env=self._env, overrides=self._overrides)
         return apply_overrides(default_config(), self._env, self._overrides)
 
-    def _read_config(self) -> Config:
+    def _read_config(self, abandonable: bool = False) -> Config:
         """_load_config for a reload: the file is read in the config reader's child process."""
         if self.config_path is not None:
-            return self._reader.read(self.config_path, env=self._env, overrides=self._overrides)
+            return self._reader.read(self.config_path, env=self._env, overrides=self._overrides,
+                                     cancellable=abandonable)
         return self._load_config()
 
     def _build(self, config: Config) -> tuple[Plan, Inventory]:
