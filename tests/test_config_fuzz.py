@@ -186,7 +186,7 @@ def memory() -> PeakMemory:
     return PeakMemory()
 
 
-@settings(max_examples=250, deadline=None, database=None,
+@settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(text=texts)
 def test_load_returns_a_config_or_a_short_config_error(memory: PeakMemory, text: str) -> None:
@@ -195,7 +195,7 @@ def test_load_returns_a_config_or_a_short_config_error(memory: PeakMemory, text:
 
 
 @pytest.mark.parametrize("loader", list(LOADERS))
-@settings(max_examples=60, deadline=None, database=None,
+@settings(max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
 @given(text=texts)

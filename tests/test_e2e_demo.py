@@ -50,8 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
     ("config", "lines"),
     [
         pytest.param(None, 1, id="default config, cut in the config listing"),
-        pytest.param(None, 20, id="default config, cut while the daemon runs"),
-        pytest.param("mps.yaml", 3, id="MPS config, cut in the config listing"),
         pytest.param("mps.yaml", 20, id="MPS config, cut while the daemon runs"),
     ],
 )

@@ -201,10 +201,10 @@ def test_hostile_file_changes_nothing_and_serving_goes_on(
     slowest: list[float] = []
     for attempt in range(1, WINDOWS + 1):
         with AllocateProbe(kubelet, device) as probe:
-            time.sleep(0.1)
+            time.sleep(0.05)
             replace_with(live.config, make)
             failure = live.wait_for_failures(attempt)[-1]
-            time.sleep(0.2)  # and a little after the reload ended
+            time.sleep(0.1)  # and a little after the reload ended
         assert len(probe.latencies) >= 5
         slowest.append(max(probe.latencies))
         if slowest[-1] < ALLOCATE_LIMIT_S:
