@@ -61,10 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
     parser.add_argument(
+        "--runs", type=int, metavar="N",
+        help="run every chosen measurement N times instead of its default (checks the machinery; "
+        "too few for figures)",
+    )  # fmt: skip
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})"
     )
     args = parser.parse_args(argv)
     suites = _suites(args.quick)
+    if args.runs is not None:
+        if not 1 <= args.runs <= 100_000:
+            parser.error(f"--runs must be between 1 and 100000, got {args.runs}")
+        suites = {name: (fn, args.runs) for name, (fn, _) in suites.items()}
     unknown = set(args.only or []) - set(suites)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {sorted(suites)}")
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "quick": args.quick,
+        "runs": args.runs,
         "cpus": machine["cpus"],
         "load": machine["load"],
     }

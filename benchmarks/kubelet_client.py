@@ -9,6 +9,7 @@ both into benchmarks/go/bin (git-ignored) when a source is newer than the binari
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -70,11 +71,25 @@ def go_tools(go: str | None = None, bin_dir: Path = BIN_DIR) -> GoTools | str:
     if go is None:
         return "go not on PATH"
     tools = GoTools(bin_dir / CLIENT, bin_dir / BASELINE)
-    built = [tools.client, tools.baseline]
-    if all(p.exists() for p in built) and min(
-        p.stat().st_mtime for p in built
-    ) >= _newest_source_mtime():
+    if _fresh(tools):
         return tools
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    # Test workers may ask at the same time: one builds, the others wait and find it built.
+    with open(bin_dir / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _fresh(tools):
+            return tools
+        return _build(go, bin_dir, tools)
+
+
+def _fresh(tools: GoTools) -> bool:
+    built = [tools.client, tools.baseline]
+    return all(p.exists() for p in built) and min(
+        p.stat().st_mtime for p in built
+    ) >= _newest_source_mtime()
+
+
+def _build(go: str, bin_dir: Path, tools: GoTools) -> GoTools | str:
     try:
         subprocess.run(
             [go, "build", "-o", f"{bin_dir}/", "./cmd/..."],
@@ -111,15 +126,18 @@ def go_client(
     warmup: int = 200,
     size: int = 1,
     cpus: set[int] | None = None,
+    dial_timeout_s: float = 10.0,
 ) -> Samples:
-    """Run the Go client against the plugin on `socket` (on `cpus` when given).
+    """Run the Go client against the plugin on `socket` (on `cpus` when given); it gives up
+    when the socket does not answer within `dial_timeout_s`.
 
     Raises:
         RuntimeError: the client failed; the message has its error output.
     """
     _check_counts(calls, warmup)
     argv = [str(tools.client), "-socket", str(socket), "-calls", str(calls),
-            "-warmup", str(warmup), "-size", str(size)]  # fmt: skip
+            "-warmup", str(warmup), "-size", str(size),
+            "-dial-timeout", f"{dial_timeout_s}s"]  # fmt: skip
     if cpus:
         argv = [_taskset(), "-c", ",".join(map(str, sorted(cpus))), *argv]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)

@@ -34,8 +34,8 @@ type result struct {
 	Empty     []float64 `json:"empty_ms"`
 }
 
-func dial(ctx context.Context, socket string) (*grpc.ClientConn, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+func dial(ctx context.Context, socket string, timeout time.Duration) (*grpc.ClientConn, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	// DialContext and WithBlock are deprecated, and still what the kubelet dials with.
 	return grpc.DialContext(ctx, socket,
@@ -92,8 +92,8 @@ func admit(client api.DevicePluginClient, available []string, size int) (time.Du
 	return t1.Sub(t0), t3.Sub(t2), nil
 }
 
-func run(socket string, calls, warmup, size int) (*result, error) {
-	conn, err := dial(context.Background(), socket)
+func run(socket string, calls, warmup, size int, dialTimeout time.Duration) (*result, error) {
+	conn, err := dial(context.Background(), socket, dialTimeout)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", socket, err)
 	}
@@ -158,12 +158,13 @@ func main() {
 	calls := flag.Int("calls", 2000, "timed admissions (and as many empty RPCs)")
 	warmup := flag.Int("warmup", 200, "untimed calls first")
 	size := flag.Int("size", 1, "devices per container")
+	dialTimeout := flag.Duration("dial-timeout", 10*time.Second, "how long to wait for the plugin's socket to answer")
 	flag.Parse()
-	if *socket == "" || *calls < 1 || *calls > 1_000_000 || *warmup < 0 || *warmup > 1_000_000 || *size < 1 {
-		fmt.Fprintln(os.Stderr, "kubeletclient: -socket is required; 1 <= -calls <= 1000000, 0 <= -warmup <= 1000000, -size >= 1")
+	if *socket == "" || *calls < 1 || *calls > 1_000_000 || *warmup < 0 || *warmup > 1_000_000 || *size < 1 || *dialTimeout <= 0 {
+		fmt.Fprintln(os.Stderr, "kubeletclient: -socket is required; 1 <= -calls <= 1000000, 0 <= -warmup <= 1000000, -size >= 1, -dial-timeout > 0")
 		os.Exit(2)
 	}
-	res, err := run(*socket, *calls, *warmup, *size)
+	res, err := run(*socket, *calls, *warmup, *size, *dialTimeout)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kubeletclient:", err)
 		os.Exit(1)
