@@ -104,10 +104,3 @@ def real_nvml() -> Iterator[Nvml]:
     except NvmlUnavailable as err:
         pytest.skip(f"no NVIDIA GPU/driver: {err}")
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`./scripts/test` runs tests in parallel workers; the `gpu` tests share one real card
-    (MPS daemons, compute modes), so they all go to one worker, one after another."""
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(pytest.mark.xdist_group("gpu"))

@@ -46,6 +46,13 @@ def test_demo_with_an_mps_config_keeps_mps_in_its_own_directory() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _demo_dirs() -> set[Path]:
+    """Directories of `gpushare demo` runs (not of `demo --mig`, whose tests may run meanwhile
+    in another worker; this file's tests run one after another)."""
+    return {p for p in Path("/tmp").glob("gpushare-demo-*") if not p.name.startswith(
+        "gpushare-demo-mig-")}
+
+
 @pytest.mark.parametrize(
     ("config", "lines"),
     [
@@ -55,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_demo_piped_into_head_ends_quietly(config: str | None, lines: int) -> None:
     """`gpushare demo | head -N`: exit 0 within seconds, no traceback, no directory left."""
-    before = set(Path("/tmp").glob("gpushare-demo-*"))
+    before = _demo_dirs()
     argv = [sys.executable, "-m", "plugin.cli", "demo"]
     if config:
         argv += ["--config", str(ROOT / "configs" / config)]
@@ -75,4 +82,4 @@ def test_demo_piped_into_head_ends_quietly(config: str | None, lines: int) -> No
     assert status == 0, stderr
     assert "Traceback" not in stderr
     assert "BrokenPipe" not in stderr
-    assert set(Path("/tmp").glob("gpushare-demo-*")) <= before
+    assert _demo_dirs() <= before
