@@ -15,6 +15,7 @@ libyaml accepts them. Both give the same values and the same errors.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -27,6 +28,20 @@ MAX_TEXT_BYTES = 256 * 1024  # config files are a few KB; a ConfigMap holds at m
 MAX_DEPTH = 32  # the deepest config path is 7 levels
 MAX_VALUES = 10_000  # scalars and collections, counting every alias expansion
 MAX_SCALAR_CHARS = 4096  # the longest legitimate value is a path (PATH_MAX)
+
+
+
+@dataclass(frozen=True)
+class YamlLimits:
+    """The bounds one kind of file is parsed within."""
+
+    max_bytes: int = MAX_TEXT_BYTES
+    max_depth: int = MAX_DEPTH
+    max_values: int = MAX_VALUES
+    max_scalar_chars: int = MAX_SCALAR_CHARS
+
+
+CONFIG_LIMITS = YamlLimits()
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _COLLECTION_START = (yaml.SequenceStartEvent, yaml.MappingStartEvent)
@@ -46,7 +61,7 @@ def _events(loader: Any) -> Iterator[yaml.Event]:
         yield loader.get_event()
 
 
-def _events_within_depth(loader: Any) -> Iterator[yaml.Event]:
+def _events_within_depth(loader: Any, max_depth: int) -> Iterator[yaml.Event]:
     """The parser's events; libyaml's own nesting limit reported as ours."""
     try:
         yield from _events(loader)
@@ -55,10 +70,12 @@ def _events_within_depth(loader: Any) -> Iterator[yaml.Event]:
             raise
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise YamlLimitError(f"{where}nested deeper than {MAX_DEPTH} levels") from None
+        raise YamlLimitError(f"{where}nested deeper than {max_depth} levels") from None
 
 
-def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
+def check_limits(
+    text: str, loader_class: type = yaml.SafeLoader, limits: YamlLimits = CONFIG_LIMITS
+) -> None:
     """Walk the parser's events and refuse text past a limit, before any value is built.
 
     Raises:
@@ -66,10 +83,10 @@ def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
             expanding aliases; the message names the limit and the line.
         yaml.YAMLError: the text is not YAML (found while walking).
     """
-    if len(text) > MAX_TEXT_BYTES or len(text.encode("utf-8", "replace")) > MAX_TEXT_BYTES:
+    if len(text) > limits.max_bytes or len(text.encode("utf-8", "replace")) > limits.max_bytes:
         raise YamlLimitError(
             f"the text is {len(text.encode('utf-8', 'replace')):,} bytes; "
-            f"at most {MAX_TEXT_BYTES:,} are allowed"
+            f"at most {limits.max_bytes:,} are allowed"
         )
     sizes: list[int] = []  # values inside each open collection, itself included
     anchors: dict[str, int] = {}  # anchor -> values it stands for
@@ -77,11 +94,11 @@ def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
     total = 0
     loader = loader_class(text)
     try:
-        for event in _events_within_depth(loader):
+        for event in _events_within_depth(loader, limits.max_depth):
             if isinstance(event, _COLLECTION_START):
-                if len(sizes) >= MAX_DEPTH:
+                if len(sizes) >= limits.max_depth:
                     raise YamlLimitError(
-                        f"line {_line(event)}: nested deeper than {MAX_DEPTH} levels"
+                        f"line {_line(event)}: nested deeper than {limits.max_depth} levels"
                     )
                 sizes.append(1)
                 opened.append(event.anchor)
@@ -95,10 +112,10 @@ def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
                     sizes[-1] += size
                 continue
             elif isinstance(event, yaml.ScalarEvent):
-                if len(event.value) > MAX_SCALAR_CHARS:
+                if len(event.value) > limits.max_scalar_chars:
                     raise YamlLimitError(
                         f"line {_line(event)}: a value of {len(event.value):,} characters; "
-                        f"at most {MAX_SCALAR_CHARS:,} are allowed"
+                        f"at most {limits.max_scalar_chars:,} are allowed"
                     )
                 count = 1
                 if event.anchor is not None:
@@ -115,9 +132,9 @@ def check_limits(text: str, loader_class: type = yaml.SafeLoader) -> None:
             if sizes and not isinstance(event, _COLLECTION_START):
                 sizes[-1] += count
             total += count
-            if total > MAX_VALUES:
+            if total > limits.max_values:
                 raise YamlLimitError(
-                    f"line {_line(event)}: more than {MAX_VALUES:,} values "
+                    f"line {_line(event)}: more than {limits.max_values:,} values "
                     "(aliases counted as often as they are used)"
                 )
     finally:
@@ -218,8 +235,10 @@ if getattr(yaml, "__with_libyaml__", False):
 DEFAULT_LOADER = next(iter(LOADERS))
 
 
-def parse_yaml(text: str, *, loader: str = DEFAULT_LOADER) -> object:
-    """The value of one YAML document, within every limit of this module.
+def parse_yaml(
+    text: str, *, loader: str = DEFAULT_LOADER, limits: YamlLimits = CONFIG_LIMITS
+) -> object:
+    """The value of one YAML document, within `limits` (a config file's by default).
 
     Raises:
         YamlLimitError: past a limit (size, depth, value length, values after aliases).
@@ -227,7 +246,7 @@ def parse_yaml(text: str, *, loader: str = DEFAULT_LOADER) -> object:
         ValueError: a scalar that cannot be converted (e.g. an out-of-range date).
     """
     loader_class = LOADERS[loader]
-    check_limits(text, loader_class)
+    check_limits(text, loader_class, limits)
     instance = loader_class(text)
     try:
         return instance.get_single_data()

@@ -378,7 +378,7 @@ def test_unreadable_file_is_a_config_error(node, tmp_path) -> None:
     with pytest.raises(MigConfigError, match=r"cannot read the mig-parted file"):
         plan_mig(nvml, tmp_path / "missing.yaml", None)
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe")
-    with pytest.raises(MigConfigError, match=r"not a UTF-8 text file"):
+    with pytest.raises(MigConfigError, match=r"not a text file \(not UTF-8 at byte 0"):
         plan_mig(nvml, tmp_path / "bin.yaml", None)
 
 

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from sharing.config import OVERRIDES, Config, apply_overrides, load_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError
+from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.plan import build_plan
 from sharing.plan_types import Plan
 from sharing.text import shorten
 from sharing.yaml_text import MAX_TEXT_BYTES
 
 CONFIG_FILE_ENV = "CONFIG_FILE"
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
 def config_path(explicit: str | None, env: Mapping[str, str]) -> str | None:
@@ -53,45 +45,10 @@ def read_config_text(path: str | Path) -> str:
         ConfigError: missing, unreadable, not a regular file, too large or not UTF-8 text; one
             line naming the path.
     """
-    name = shorten(str(path), 160)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        fd = os.open(path, flags)
-    except OSError as err:
-        raise ConfigError(f"{name}: cannot read the config file: {err.strerror or err}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        kind = next((what for test, what in _KINDS if test(mode)), None)
-        if kind is not None or not stat.S_ISREG(mode):
-            raise ConfigError(f"{name}: not a regular file ({kind or 'unknown type'})")
-        data = _read_at_most(fd, MAX_TEXT_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{name}: cannot read the config file: {err.strerror or err}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TEXT_BYTES:
-        raise ConfigError(
-            f"{name}: the file is larger than {MAX_TEXT_BYTES:,} bytes, the limit for a config"
-        )
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{name}: not a text file (not UTF-8 at byte {err.start:,}: {err.reason})"
-        ) from None
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    """Up to `limit` bytes from a file descriptor."""
-    chunks: list[bytes] = []
-    left = limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 65536))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+        return read_regular_text(path, MAX_TEXT_BYTES, "config file")
+    except UnreadableFile as err:
+        raise ConfigError(f"{shorten(str(path), 160)}: {err}") from None
 
 
 def build_plan_from(inventory: Inventory, config: Config, path: str | Path | None) -> Plan:

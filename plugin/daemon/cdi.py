@@ -44,7 +44,7 @@ from plugin.daemon.cdi_spec import (
     spec_file_name,
 )
 from sharing.config import Config
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 from sharing.plan_types import Plan
 
 log = logging.getLogger("gpushare.cdi")

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 
 log = logging.getLogger("gpushare.labels")
 

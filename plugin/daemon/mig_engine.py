@@ -13,6 +13,7 @@ from pathlib import Path
 from sharing.errors import ConfigError
 from sharing.mig import MigPlan, parse_mig_parted
 from sharing.nvml import Nvml
+from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.nvml.mig_apply import ApplyResult, StepEvent, apply_mig, plan_mig, resume_mig
 from sharing.nvml.mig_journal import read_journal
 
@@ -25,20 +26,13 @@ def read_mig_file(path: Path) -> str:
     """The text of a mig-parted file, bounded.
 
     Raises:
-        ConfigError: it cannot be read, is not text, or is larger than MAX_MIG_FILE_BYTES.
+        ConfigError: it cannot be read, is not a regular file or text, or is larger than
+            MAX_MIG_FILE_BYTES; one line naming the path.
     """
     try:
-        with Path(path).open("rb") as f:
-            raw = f.read(MAX_MIG_FILE_BYTES + 1)
-    except OSError as err:
-        why = err.strerror or err
-        raise ConfigError(f"{path}: cannot read the mig-parted file: {why}") from None
-    if len(raw) > MAX_MIG_FILE_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_MIG_FILE_BYTES} bytes")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text file ({err.reason})") from None
+        return read_regular_text(path, MAX_MIG_FILE_BYTES, "mig-parted file")
+    except UnreadableFile as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 class MigEngine:

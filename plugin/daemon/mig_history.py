@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 
 log = logging.getLogger("gpushare.mig.jobs")
 

@@ -19,6 +19,7 @@ import yaml
 
 from sharing.errors import MigConfigError
 from sharing.mig.names import ProfileName, parse_profile_name
+from sharing.yaml_text import YamlLimitError, YamlLimits, parse_yaml, yaml_problem
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 12
@@ -37,7 +38,9 @@ _ENTRY_KEYS = ("devices", "device-filter", "mig-enabled", "mig-devices")
 _FILTER = re.compile(r"0x([0-9A-Fa-f]{8})(?::0x([0-9A-Fa-f]{8}))?")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # libyaml's loader when PyYAML was built with it (7x faster), the pure-Python one otherwise.
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MIG_YAML_LIMITS = YamlLimits(
+    max_bytes=MAX_FILE_BYTES, max_depth=MAX_DEPTH, max_values=MAX_NODES, max_scalar_chars=1024
+)
 
 
 @dataclass(frozen=True)
@@ -126,61 +129,22 @@ def parse_mig_parted(text: str, *, source: str = "<mig-parted file>") -> MigPart
         MigConfigError: the text is too large, not YAML, or not a valid v1 file; one line that
             names `source`, the key path, the value and what is allowed.
     """
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-        raise MigConfigError(f"{source}: larger than {MAX_FILE_BYTES // 1024} KiB")
     data = _load_yaml(text, source)
     return _Parser(source).file(data)
 
 
 def _load_yaml(text: str, source: str) -> Any:
-    """Compose, check bounds and duplicate keys on the node graph, then build Python values."""
-    loader = _LOADER(text)
+    """The file's value, parsed within MIG_YAML_LIMITS (aliases counted as often as used);
+    duplicate keys are errors with their line, as in config files."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise MigConfigError(f'{source}: the file is empty; it needs "version: v1"')
-        _check_nodes(node, source)
-        return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        if "nesting depth" in str(getattr(err, "problem", "")):
-            raise MigConfigError(f"{source}: nested more than {MAX_DEPTH} levels") from None
-        raise MigConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from err
-    except RecursionError:
-        raise MigConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
-    finally:
-        loader.dispose()
-
-
-def _check_nodes(root: yaml.Node, source: str) -> None:
-    count = 0
-    stack: list[tuple[yaml.Node, int]] = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_NODES:
-            raise MigConfigError(f"{source}: more than {MAX_NODES} YAML nodes (aliases included)")
-        if depth > MAX_DEPTH:
-            line = node.start_mark.line + 1
-            raise MigConfigError(f"{source}: line {line}: nested more than {MAX_DEPTH} levels")
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in seen:
-                        raise MigConfigError(
-                            f"{source}: line {key.start_mark.line + 1}: duplicate key "
-                            f"{_shown(key.value)}"
-                        )
-                    seen.add(key.value)
-                stack += [(key, depth + 1), (value, depth + 1)]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += [(item, depth + 1) for item in node.value]
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+        data = parse_yaml(text, limits=MIG_YAML_LIMITS)
+    except YamlLimitError as err:
+        raise MigConfigError(f"{source}: {err}") from None
+    except (yaml.YAMLError, ValueError) as err:
+        raise MigConfigError(f"{source}: not valid YAML: {yaml_problem(err)}") from None
+    if data is None:
+        raise MigConfigError(f'{source}: the file is empty; it needs "version: v1"')
+    return data
 
 
 def _shown(value: object) -> str:

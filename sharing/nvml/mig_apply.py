@@ -35,6 +35,7 @@ from sharing.mig.layout import GpuMigState, Layout
 from sharing.mig.parted import MAX_FILE_BYTES, MigPartedFile, parse_mig_parted
 from sharing.mig.plan import GpuPlan, MigPlan, plan_config, plan_requests
 from sharing.nvml.adapter import Nvml
+from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.nvml.mig import refused
 from sharing.nvml.mig_journal import FAILED, SUCCEEDED, Journal, journal_lock, read_journal
 from sharing.nvml.mig_state import node_identity, read_gpu_mig_state, read_node_mig_state
@@ -123,16 +124,9 @@ def load_mig_file(mig_file: str | os.PathLike[str] | MigPartedFile) -> MigParted
         return parse_mig_parted(mig_file)
     path = Path(mig_file)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as err:
-        raise MigConfigError(f"{path}: cannot read the mig-parted file: {err.strerror}") from err
-    if len(data) > MAX_FILE_BYTES:
-        raise MigConfigError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MigConfigError(f"{path}: not a UTF-8 text file ({err.reason})") from None
+        text = read_regular_text(path, MAX_FILE_BYTES, "mig-parted file")
+    except UnreadableFile as err:
+        raise MigConfigError(f"{path}: {err}") from None
     return parse_mig_parted(text, source=str(path))
 
 

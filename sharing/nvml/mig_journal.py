@@ -36,7 +36,7 @@ from typing import Any
 from sharing.errors import MigApplyRefused, MigJournalError
 from sharing.mig.diff import Step
 from sharing.mig.layout import LayoutRequest
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 
 KIND = "gpushare-mig-journal"
 VERSION = 1

@@ -16,7 +16,7 @@ import pynvml
 
 from sharing.errors import ConfigError
 from sharing.nvml.adapter import code_name
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 from sharing.nvml.host import MIG_MINORS, sysfs_bus_id
 from sharing.nvml.nodes import node_file
 from sharing.nvml.profiles import CardModel

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sharing.errors import SharingError
-from sharing.nvml.atomic import write_atomic
+from sharing.nvml.files import write_atomic
 
 NODE_FILE = "node.yaml"
 STATE_FILE = "state.json"

@@ -1,0 +1,122 @@
+"""Files gpushare keeps and files it is given, at the I/O edge.
+
+`read_regular_text`: the text of a file a user names (a config, a mig-parted file), bounded:
+opening never blocks (a FIFO is refused, not waited on), only regular files are read, and at
+most `limit` + 1 bytes whatever the path names (a link to /dev/zero is refused too).
+
+`write_atomic`: whole-file replacement; a reader sees the old file or the new one, never part
+of either.
+
+Every state file gpushare keeps (the MIG journal, the job history, the node labels file, the
+CDI spec, the simulated node's state) is written this way: a temporary file beside the target,
+written, optionally flushed to disk, given its mode, then renamed over the target. A failure
+leaves the old file in place and no temporary behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class UnreadableFile(ValueError):
+    """The file cannot be read as bounded text; the message says why, without the path."""
+
+
+def read_regular_text(path: str | Path, limit: int, what: str) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; `what` names it in messages
+    ("config file", "mig-parted file").
+
+    Raises:
+        UnreadableFile: missing, unreadable, not a regular file, too large or not UTF-8 text.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise UnreadableFile(f"cannot read the {what}: {err.strerror or err}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        kind = next((name for test, name in _KINDS if test(mode)), None)
+        if kind is not None or not stat.S_ISREG(mode):
+            raise UnreadableFile(f"not a regular file ({kind or 'unknown type'})")
+        data = _read_at_most(fd, limit + 1)
+    except OSError as err:
+        raise UnreadableFile(f"cannot read the {what}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnreadableFile(f"the file is larger than {limit:,} bytes, the limit for a {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UnreadableFile(
+            f"not a text file (not UTF-8 at byte {err.start:,}: {err.reason})"
+        ) from None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes from a file descriptor."""
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def write_atomic(
+    path: Path,
+    data: bytes | str,
+    *,
+    mode: int = 0o600,
+    durable: bool = False,
+    mtime_ns: int | None = None,
+    parent_mode: int = 0o755,
+) -> None:
+    """Replace `path` by a file holding `data` in one rename.
+
+    `durable` flushes the file and its directory to disk (a power loss keeps it); `mtime_ns`
+    sets the new file's modification time before it appears; a missing directory is created
+    with `parent_mode`.
+
+    Raises:
+        OSError: the directory cannot be created or written.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(mode=parent_mode, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(payload)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,69 @@
+"""sharing.nvml.files.write_atomic: one rename, its mode and mtime, nothing left on failure."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sharing.errors import MigConfigError
+from sharing.nvml.files import UnreadableFile, read_regular_text, write_atomic
+from sharing.nvml.mig_apply import load_mig_file
+
+
+def test_replaces_the_file_with_mode_mtime_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "state.json"
+    write_atomic(target, "old")
+    write_atomic(target, b"new", mode=0o644, durable=True, mtime_ns=1_000_000_000)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.stat().st_mtime_ns == 1_000_000_000
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+
+
+def test_default_mode_is_private(tmp_path: Path) -> None:
+    target = tmp_path / "journal.json"
+    write_atomic(target, "{}")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_failed_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "labels"
+    target.mkdir()  # a directory where the file should go: the rename fails
+    (target / "keep").write_text("x")
+    with pytest.raises(IsADirectoryError):
+        write_atomic(target, "a=1\n")
+    assert (target / "keep").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["labels"]
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(lambda p: os.mkfifo(p), "not a regular file (a FIFO)", id="FIFO"),
+        pytest.param(lambda p: p.symlink_to("/dev/zero"),
+                     "not a regular file (a character device)", id="link to /dev/zero"),
+        pytest.param(lambda p: p.write_bytes(b"x" * 101),
+                     "the file is larger than 100 bytes, the limit for a mig-parted file",
+                     id="too large"),
+        pytest.param(lambda p: p.write_bytes(b"\xff\xfe"), "not a text file (not UTF-8 at byte 0",
+                     id="binary"),
+        pytest.param(lambda p: None, "cannot read the mig-parted file: No such file or directory",
+                     id="missing"),
+    ],
+)
+def test_read_regular_text_refuses_in_one_line(tmp_path: Path, make, expected) -> None:
+    path = tmp_path / "f.yaml"
+    make(path)
+    with pytest.raises(UnreadableFile) as caught:
+        read_regular_text(path, 100, "mig-parted file")
+    assert str(caught.value).startswith(expected)
+
+
+def test_a_mig_parted_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "mig.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(MigConfigError, match=r"mig.yaml: not a regular file \(a FIFO\)$"):
+        load_mig_file(fifo)
