@@ -276,3 +276,19 @@ def test_a_stale_json_spec_of_the_same_kind_is_warned_about(
     (tmp_path / "k8s.device-plugin.nvidia.com-gpu.json").write_text("{}")
     specs.commit(CdiUpdate(spec=good_spec(), source="device nodes"), strict=True)
     assert "k8s.device-plugin.nvidia.com-gpu.json also defines" in caplog.text
+
+
+def test_defined_devices_skips_a_fifo_an_alias_bomb_and_a_duplicate_key(tmp_path: Path) -> None:
+    """A spec directory is read without waiting on a FIFO or expanding an alias bomb; the good
+    spec beside them still counts."""
+    (tmp_path / "good.yaml").write_text(
+        "cdiVersion: 0.6.0\nkind: nvidia.com/gpu\ndevices:\n- name: gpu0\n- name: gpu1\n"
+    )
+    os.mkfifo(tmp_path / "fifo.yaml")
+    bomb = ["kind: nvidia.com/gpu", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    (tmp_path / "dup.yaml").write_text("kind: nvidia.com/gpu\ndevices: []\ndevices:\n- name: x\n")
+    started = time.monotonic()
+    assert defined_devices([tmp_path], "nvidia.com/gpu") == {"gpu0", "gpu1"}
+    assert time.monotonic() - started < 5

@@ -44,8 +44,10 @@ from plugin.daemon.cdi_spec import (
     spec_file_name,
 )
 from sharing.config import Config
-from sharing.nvml.files import write_atomic
+from sharing.nvml.files import UnreadableFile, read_regular_text, write_atomic
 from sharing.plan_types import Plan
+from sharing.text import shorten
+from sharing.yaml_text import YamlLimits, parse_yaml
 
 log = logging.getLogger("gpushare.cdi")
 
@@ -58,6 +60,10 @@ GENERATOR_TIMEOUT_S = 60.0
 MAX_GENERATOR_OUTPUT_BYTES = 16 << 20
 MAX_STDERR_BYTES = 64 << 10
 MAX_SPEC_FILE_BYTES = 16 << 20
+# A toolkit spec of a large node lists a few thousand mounts and device nodes.
+CDI_YAML_LIMITS = YamlLimits(
+    max_bytes=MAX_SPEC_FILE_BYTES, max_depth=32, max_values=1_000_000, max_scalar_chars=4096
+)
 NAMES_QUOTED = 5  # device names quoted in one message
 
 
@@ -151,14 +157,14 @@ def defined_devices(dirs: Sequence[Path], kind: str) -> set[str]:
 
 
 def _read_spec_file(path: Path) -> Any:
-    """A spec file's parsed content, or None when it is too large or not YAML/JSON."""
+    """A spec file's parsed content, or None when it is not a regular file, too large, or not
+    YAML/JSON within CDI_YAML_LIMITS (a FIFO or an alias bomb in the spec directory is skipped,
+    not waited on or expanded)."""
     try:
-        if path.stat().st_size > MAX_SPEC_FILE_BYTES:
-            log.warning("CDI spec file %s is over %d bytes: skipped", path, MAX_SPEC_FILE_BYTES)
-            return None
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        log.debug("CDI spec file %s skipped: %s", path, err)
+        return parse_yaml(read_regular_text(path, MAX_SPEC_FILE_BYTES, "CDI spec file"),
+                          limits=CDI_YAML_LIMITS)
+    except (UnreadableFile, yaml.YAMLError, ValueError) as err:
+        log.debug("CDI spec file %s skipped: %s", path, shorten(str(err), 200))
         return None
 
 
