@@ -35,6 +35,7 @@ SCENARIOS = {
     "default": (None, ()),
     "time-slicing": ("time-slicing.yaml", ()),
     "mps": ("mps.yaml", ()),
+    "mps-compute-mode-leave": ("mps.yaml", ("mps.computeMode=leave",)),
     "mig-mixed": ("mig-mixed.yaml", ()),
     "existing-configmap": ("existing-configmap.yaml", ()),
     "metrics-service-and-servicemonitor": (None, ("metrics.serviceMonitor.enabled=true",)),
@@ -181,6 +182,12 @@ def test_mps_has_host_pid_and_the_mps_root_mount_and_the_default_has_neither(ren
     assert "hostPID" not in pod_spec(default)
     assert all("mps" not in path for path in host_path_mounts(default))
     assert parsed_command(default).mps_root is None
+
+
+def test_mps_compute_mode_is_managed_by_default_and_left_when_asked(rendered):
+    assert parsed_command(rendered["mps"]).mps_compute_mode == "manage"
+    assert parsed_command(rendered["mps-compute-mode-leave"]).mps_compute_mode == "leave"
+    assert parsed_command(rendered["default"]).mps_compute_mode is None
 
 
 @pytest.mark.parametrize(
@@ -423,6 +430,8 @@ def test_the_service_monitor_scrapes_the_metrics_service_of_the_pods(rendered):
                      "at '/config/content': got array, want",
                      id="config as a list"),
         pytest.param({"probes": {"mode": "tcp"}}, "at '/probes/mode'", id="unknown probe mode"),
+        pytest.param({"mps": {"computeMode": "exclusive"}}, "at '/mps/computeMode'",
+                     id="unknown MPS compute mode"),
         pytest.param({"metrcs": {"enabled": False}}, "additional properties 'metrcs' not allowed",
                      id="misspelt key"),
     ],
