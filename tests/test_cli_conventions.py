@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,58 @@ def test_run_creates_the_kubelet_dir_when_asked(tmp_path: Path) -> None:
         for path in (kubelet_dir, kubelet_dir.parent):
             if path.exists():
                 path.rmdir()
+
+
+def test_log_in_the_config_directory_does_not_feed_itself(tmp_path: Path) -> None:
+    """`run`'s log written beside its config: the watched directory changes with every log
+    line, and each change must not log another line (watchfiles' "1 change detected" at INFO
+    did, without end); a reload still says what it did, and json lines parse."""
+    node = create_state("dgx-a100", tmp_path / "node")
+    config = tmp_path / "etc" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text(time_slicing(4))
+    log_path = config.parent / "run.log"
+    kubelet_dir = Path(f"/tmp/gs-log-{os.getpid()}")
+    kubelet_dir.mkdir()
+    with log_path.open("w") as log_file:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "plugin.cli", "run", "--node", str(node), "--config",
+             str(config), "--kubelet-dir", str(kubelet_dir), "--log-format", "json"],
+            cwd=ROOT, env=child_env(), text=True, stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: (kubelet_dir / "gpushare-gpu.sock").exists(), timeout_s=20)
+            config.write_text(time_slicing(2))
+            wait_until(lambda: "now has 16 devices" in log_path.read_text(), timeout_s=20)
+            (config.parent / "unrelated").write_text("x")
+            size = log_path.stat().st_size
+            time.sleep(1.0)  # a feeding log would grow by several lines a second
+            assert log_path.stat().st_size == size
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(10) == 0
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
+            shutil.rmtree(kubelet_dir, ignore_errors=True)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    loggers = {record["logger"] for record in records}
+    assert not {name for name in loggers if not name.startswith("gpushare.")}, loggers
+    [changed] = [r for r in records if "now has" in r["message"]]
+    assert changed["resource"] == "nvidia.com/gpu"
+
+
+def test_chatty_libraries_speak_at_debug(tmp_path: Path) -> None:
+    """watchfiles' and apscheduler's INFO lines show with --log-level DEBUG only."""
+    script = (
+        "import logging, sys; from plugin.cli import main; main(sys.argv[1:]);"
+        "logging.getLogger('watchfiles.main').info('1 change detected');"
+        "logging.getLogger('apscheduler.scheduler').info('Scheduler started')"
+    )
+    for level, shown in (("INFO", False), ("DEBUG", True)):
+        out = subprocess.run(
+            [sys.executable, "-c", script, "sim", "nodes", "--log-level", level],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert ("1 change detected" in out.stderr) is shown
+        assert ("Scheduler started" in out.stderr) is shown

@@ -107,7 +107,7 @@ def test_refused_registration_backs_off_and_is_logged_once(
     link.request([name])
     tried_at: list[float] = []
     try:
-        with caplog.at_level(logging.DEBUG, logger="plugin.daemon.kubelet"):
+        with caplog.at_level(logging.DEBUG, logger="gpushare.kubelet"):
             for step in range(80):  # 8 s of polls, 0.1 s apart
                 now[0] = step / 10
                 before = kubelet.attempts
@@ -305,7 +305,7 @@ def test_only_servers_whose_socket_is_gone_are_restarted(
     try:
         link.poll_once()
         (kubelet_dir / names["example.com/b"]).unlink()
-        with caplog.at_level(logging.DEBUG, logger="plugin.daemon.kubelet"):
+        with caplog.at_level(logging.DEBUG, logger="gpushare.kubelet"):
             link.poll_once()
             link.poll_once()  # still missing: asked again, logged at debug only
         assert asked == [["example.com/b"], ["example.com/b"]]

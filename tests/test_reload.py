@@ -57,9 +57,11 @@ def daemon(
 
 
 def test_more_replicas_reach_the_kubelet_within_1s_without_registering_again(
-    daemon: Daemon, kubelet: FakeKubelet, config: Path
+    daemon: Daemon, kubelet: FakeKubelet, config: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """replicas 4 -> 8: the open stream carries 64 devices within 1 s; one registration only."""
+    """replicas 4 -> 8: the open stream carries 64 devices within 1 s; one registration only;
+    the log line names the resource in its text and in its `resource` field."""
+    caplog.set_level(logging.INFO, logger="gpushare.daemon")
     edited = time.monotonic()
     config.write_text(time_slicing(8))
     latest = kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 64, 2.0)
@@ -67,6 +69,9 @@ def test_more_replicas_reach_the_kubelet_within_1s_without_registering_again(
     assert took < 1.0, f"new list took {took:.3f}s"
     assert len(kubelet.registrations_of("nvidia.com/gpu")) == 1
     assert {d.id.split("::")[1] for d in latest.devices} == {str(n) for n in range(8)}
+    [line] = [r for r in caplog.records if "now has" in r.getMessage()]
+    assert line.getMessage() == "nvidia.com/gpu now has 64 devices: new list sent to the kubelet"
+    assert line.resource == "nvidia.com/gpu"  # type: ignore[attr-defined]
 
 
 def test_broken_edit_keeps_the_old_plan_and_logs_file_and_field(
@@ -93,9 +98,12 @@ def test_broken_edit_keeps_the_old_plan_and_logs_file_and_field(
 
 
 def test_renamed_resource_is_served_and_the_old_one_stopped(
-    daemon: Daemon, kubelet: FakeKubelet, config: Path, kubelet_dir: Path
+    daemon: Daemon, kubelet: FakeKubelet, config: Path, kubelet_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """renameByDefault: nvidia.com/gpu.shared registered on its socket, gpushare-gpu.sock gone."""
+    """renameByDefault: nvidia.com/gpu.shared registered on its socket, gpushare-gpu.sock gone;
+    the log says which resource stopped and which started, in the `resource` field too."""
+    caplog.set_level(logging.INFO, logger="gpushare.daemon")
     config.write_text(time_slicing(4, rename=True))
     kubelet.wait_for(lambda: "nvidia.com/gpu.shared" in kubelet.resources(), 2.0)
     assert kubelet.registrations_of("nvidia.com/gpu.shared")[0].endpoint == (
@@ -104,6 +112,11 @@ def test_renamed_resource_is_served_and_the_old_one_stopped(
     assert len(kubelet.wait_for_list("nvidia.com/gpu.shared", lambda _: True).devices) == 32
     assert not (kubelet_dir / "gpushare-gpu.sock").exists()
     assert daemon.plan.names == ("nvidia.com/gpu.shared",)
+    resources = {r.getMessage(): getattr(r, "resource", None) for r in caplog.records}
+    assert resources["stopped serving nvidia.com/gpu"] == "nvidia.com/gpu"
+    assert resources["serving nvidia.com/gpu.shared (32 devices) on gpushare-gpu.shared.sock"] == (
+        "nvidia.com/gpu.shared"
+    )
 
 
 def wait_for_handlers(timeout_s: float = 10.0) -> None:

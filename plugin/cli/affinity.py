@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gpushare.daemon")
 
 MAX_CPU_LIST_CHARS = 256
 MAX_CPU_ID = 65535

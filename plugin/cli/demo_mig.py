@@ -27,7 +27,7 @@ from plugin.standin.kubelet import KubeletStandIn
 from sharing.errors import SharingError
 
 # One line per NVML step, per scheduler event and per labels file write is too much here.
-QUIET_LOGGERS = ("sharing.nvml.mig_apply", "apscheduler", "gpushare.labels")
+QUIET_LOGGERS = ("gpushare.mig.apply", "apscheduler", "gpushare.labels")
 MIG_FILE = """\
 version: v1
 mig-configs:

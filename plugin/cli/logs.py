@@ -16,6 +16,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
 FIELDS = ("resource", "device", "gpu", "xid", "affected")  # passed as `extra=` by log calls
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries whose INFO lines say nothing about a device ("1 change detected" for every file
+# event in a watched directory, "Scheduler started"): shown only with --log-level DEBUG.
+CHATTY_LIBRARIES = ("watchfiles", "apscheduler")
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,9 +46,12 @@ def configure_logging(level: str, log_format: str) -> None:
     """Send log records at `level` or above to stderr in `log_format` (text or json).
 
     Like logging.basicConfig, this does nothing when the root logger has handlers already
-    (an embedding program, or pytest, decides then).
+    (an embedding program, or pytest, decides then). The CHATTY_LIBRARIES log warnings and
+    errors only, unless `level` is DEBUG.
     """
     handler = logging.StreamHandler(sys.stderr)
     json_lines = log_format == "json"
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)

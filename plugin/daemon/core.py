@@ -354,7 +354,8 @@ class Daemon:
                 except (OSError, TimeoutError) as err:
                     repeat = self._restart_errors.get(name) == str(err)
                     log.log(logging.DEBUG if repeat else logging.ERROR,
-                            "restarting the server of %s failed: %s; retrying", name, err)
+                            "restarting the server of %s failed: %s; retrying", name, err,
+                            extra={"resource": name})
                     self._restart_errors[name] = str(err)
                 else:
                     self._restart_errors.pop(name, None)
@@ -435,13 +436,14 @@ class Daemon:
         self.link.forget(diff.removed)
         for name in diff.removed:
             self._servers.pop(name).stop()
-            log.info("stopped serving %s", name)
+            log.info("stopped serving %s", name, extra={"resource": name})
         self._allocators = build_allocators(plan.resources, plan.options)
         self.state.set_plan(plan)
         self.inventory = inventory
         for name in diff.changed:
             count = len(plan.resource(name).devices)  # type: ignore[union-attr]
-            log.info("%s now has %d devices: new list sent to the kubelet", name, count)
+            log.info("%s now has %d devices: new list sent to the kubelet", name, count,
+                     extra={"resource": name})
         if diff.options_changed and self._servers:
             log.info("serve options changed: %s", plan.options)
         for name in diff.added:

@@ -22,7 +22,7 @@ from plugin.api import KUBELET_SOCKET, pb_grpc
 from plugin.daemon import convert
 from plugin.daemon.watch import DirectoryEvents, PollLoop
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gpushare.kubelet")
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")

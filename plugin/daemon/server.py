@@ -38,7 +38,7 @@ from sharing.allocation import check_container_count, check_id_lists, preferred_
 from sharing.errors import InvalidRequest
 from sharing.text import shorten
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gpushare.server")
 
 STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
 SOCKET_MODE = 0o600

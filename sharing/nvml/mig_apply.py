@@ -41,7 +41,7 @@ from sharing.nvml.mig_journal import FAILED, SUCCEEDED, Journal, journal_lock, r
 from sharing.nvml.mig_state import node_identity, read_gpu_mig_state, read_node_mig_state
 from sharing.nvml.profiles import CI_PROFILE_INDEX_BY_SLICES
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gpushare.mig.apply")
 
 UNCHANGED, APPLIED, FAILED_GPU, UNTOUCHED = "unchanged", "applied", "failed", "untouched"
 _MAX_ROUNDS = 3  # diff -> steps -> re-read; a mode change takes one extra round
