@@ -227,3 +227,63 @@ def test_chatty_libraries_speak_at_debug(tmp_path: Path) -> None:
         )  # fmt: skip
         assert ("1 change detected" in out.stderr) is shown
         assert ("Scheduler started" in out.stderr) is shown
+
+
+def run_help_options(capsys: pytest.CaptureFixture[str]) -> dict[str, set[str]]:
+    """`gpushare run --help`: each option string with the environment variables its help names
+    (`$CONFIG_FILE`, `[... env MIG_STRATEGY]`)."""
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    out: dict[str, set[str]] = {}
+    for entry in re.split(r"\n(?=  -)", text):
+        head = re.split(r"\s{2,}", entry.strip(), maxsplit=1)[0]
+        words = " ".join(entry.split())
+        envs = set(re.findall(r"\benv ([A-Z_]+)", words)) | set(re.findall(r"\$([A-Z_]+)", words))
+        for flag in re.findall(r"--[a-z][a-z-]*", head):
+            out[flag] = envs
+    return out
+
+
+def readme_table(header: str) -> list[list[str]]:
+    """The cells of the README table whose header row is `header` (the one such table)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines.count(header) == 1, header
+    rows = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def test_every_run_option_is_in_the_readme_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's option table lists every `run` option, no other, each with the
+    environment variable its --help names."""
+    documented: dict[str, set[str]] = {}
+    for option, env, _ in readme_table("| option | environment | meaning |"):
+        names = set(re.findall(r"`([A-Z_]+)`", env))
+        for flag in re.findall(r"--(?:\[no-\])?[a-z][a-z-]*", option):
+            for spelled in ({flag.replace("[no-]", ""), flag.replace("[no-]", "no-")}
+                            if "[no-]" in flag else {flag}):
+                documented[spelled] = names
+    offered = run_help_options(capsys)
+    offered.pop("--help")
+    assert sorted(set(offered) - set(documented)) == [], "run options missing from the README"
+    assert sorted(set(documented) - set(offered)) == [], "README options run does not have"
+    wrong = {flag: (envs, documented[flag]) for flag, envs in offered.items()
+             if envs != documented[flag]}
+    assert wrong == {}, "environment variables: --help's, the README's"
+
+
+def test_every_chart_value_is_in_the_readme() -> None:
+    """Each top-level key of the chart's values.yaml is named in the README's values table."""
+    import yaml
+
+    values = yaml.safe_load((ROOT / "deployments/helm/gpushare/values.yaml").read_text())
+    named = {
+        re.split(r"[.\[]", name)[0]
+        for row in readme_table("| value | default | meaning |")
+        for name in re.findall(r"`([A-Za-z][\w.]*)`", row[0])
+    }
+    assert sorted(set(values) - named) == []

@@ -39,6 +39,28 @@ def test_fail_on_init_error_exits_with_the_nvml_error(
 
 
 @pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        pytest.param("LIBRARY_NOT_FOUND", "libnvidia-ml.so.1 not found: is the NVIDIA driver"
+                     " installed, and does the container run with the NVIDIA runtime", id="no lib"),
+        pytest.param("DRIVER_NOT_LOADED", "the NVIDIA kernel driver is not loaded", id="no driver"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_nvml_init_failure_says_what_to_check(
+    tmp_path: Path, kubelet_dir: Path, capsys: pytest.CaptureFixture[str], code: str, hint: str,
+    command: str,
+) -> None:
+    """One line: the NVML error and what an operator checks for it; exit 1."""
+    node = tmp_path / "node.yaml"
+    node.write_text(BROKEN_NODE.replace("DRIVER_NOT_LOADED", code))
+    extra = ["--kubelet-dir", str(kubelet_dir)] if command == "run" else []
+    assert main([command, "--node", str(node), *extra]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert f"NVML init failed: nvmlInit: NVML_ERROR_{code} ({hint}" in line
+
+
+@pytest.mark.parametrize(
     ("file_value", "overrides"),
     [
         pytest.param("false", {}, id="file says false"),

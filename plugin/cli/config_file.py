@@ -88,11 +88,28 @@ OVERRIDE_HELP = {
     "nvidia-ctk-path": "the NVIDIA Container Toolkit CLI whose `cdi generate` gives the CDI"
     " spec's container edits (default /usr/bin/nvidia-ctk; with --node, the stand-in"
     " plugin/standin/nvidia_ctk.py); without it, device nodes only",
-    "container-driver-root": "where the driver root is mounted inside gpushare's container",
+    "container-driver-root": "where the driver root is mounted inside gpushare's container"
+    " (default /driver-root)",
     "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
     " distributed (spread over GPUs, default) or packed",
     "labels-file": "node labels file for node-feature-discovery's local source (default"
     " /etc/kubernetes/node-feature-discovery/features.d/gfd); empty disables it",
+}
+
+
+OVERRIDE_METAVAR = {
+    "mig-strategy": "none|single|mixed",
+    "mps-root": "DIR",
+    "nvidia-driver-root": "DIR",
+    "nvidia-dev-root": "DIR",
+    "device-list-strategy": "A,B",
+    "device-id-strategy": "uuid|index",
+    "cdi-annotation-prefix": "PREFIX",
+    "cdi-kind": "KIND",
+    "nvidia-ctk-path": "PATH",
+    "container-driver-root": "DIR",
+    "shared-devices-allocation-policy": "distributed|packed",
+    "labels-file": "PATH",
 }
 
 
@@ -110,7 +127,7 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
                 help=text,
             )
         else:
-            metavar = "A,B" if override.kind == "list" else "VALUE"
+            metavar = OVERRIDE_METAVAR.get(override.flag, "VALUE")
             group.add_argument(f"--{override.flag}", default=None, metavar=metavar, help=text)
 
 

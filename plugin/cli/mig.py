@@ -85,7 +85,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "the config fits every selected GPU, 2 with the reason when it does not.",
     )
     _file_args(plan)
-    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.add_argument("--format", choices=["table", "json"], default="table",
+                      help="table (default) or json, for scripts")
     plan.set_defaults(func=_plan)
 
 

@@ -39,11 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", metavar="FILE", help="config file (default: $CONFIG_FILE)")
     parser.add_argument(
         "--node",
-        metavar="NODE",
-        help="simulated node: a name from configs/nodes/ or a node file "
-        "(default: this machine's GPUs through NVML)",
+        metavar="NAME|PATH",
+        help="simulated node: a name from configs/nodes/ (e.g. dgx-a100), a node file, or a"
+        " simulator state directory (default: this machine's GPUs through NVML)",
     )
-    parser.add_argument("--format", choices=["table", "json"], default="table")
+    parser.add_argument("--format", choices=["table", "json"], default="table",
+                        help="table (default) or json, for scripts")
     add_override_arguments(parser)
     parser.set_defaults(func=run)
 

@@ -29,6 +29,14 @@ _NOT_SUPPORTED = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_F
 # the field ID may answer INVALID_ARGUMENT rather than NOT_SUPPORTED).
 _FIELD_UNKNOWN = _NOT_SUPPORTED | {pynvml.NVML_ERROR_INVALID_ARGUMENT}
 _LOST = frozenset({pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_UNKNOWN})
+# What an operator checks when nvmlInit fails with these.
+_INIT_HINTS = {
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "libnvidia-ml.so.1 not found: is the NVIDIA driver"
+    " installed, and does the container run with the NVIDIA runtime (runtimeClassName: nvidia)?",
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA kernel driver is not loaded on this node",
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "the NVML library and the loaded kernel driver"
+    " differ in version: reboot or reload the driver after an upgrade",
+}
 _CODE_NAMES = {
     getattr(pynvml, name): name for name in dir(pynvml) if name.startswith("NVML_ERROR_")
 }
@@ -111,7 +119,9 @@ class Nvml:
         try:
             self.call("nvmlInit")
         except NvmlError as err:
-            raise NvmlUnavailable(f"NVML init failed: {err}", err.code) from err
+            hint = _INIT_HINTS.get(err.code)
+            message = f"NVML init failed: {err}" + (f" ({hint})" if hint else "")
+            raise NvmlUnavailable(message, err.code) from err
 
     def shutdown(self) -> None:
         """nvmlShutdown."""
