@@ -287,3 +287,32 @@ def test_every_chart_value_is_in_the_readme() -> None:
         for name in re.findall(r"`([A-Za-z][\w.]*)`", row[0])
     }
     assert sorted(set(values) - named) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "where", "message"),
+    [
+        pytest.param("--control-socket", "afile/run/control.sock",
+                     "control socket {path}: cannot create its directory: Not a directory",
+                     id="control socket under a file"),
+        pytest.param("--control-socket", "afile/control.sock",
+                     "control socket {path}: Not a directory", id="control socket in a file"),
+        pytest.param("--state-dir", "afile/state", "state directory {path}: Not a directory",
+                     id="state directory under a file"),
+    ],
+)
+def test_run_says_which_path_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, where: str, message: str
+) -> None:
+    """A path given on the command line that cannot be used stops the start with one line
+    naming the option's path and the reason; no socket is left behind."""
+    node = create_state("dgx-a100", tmp_path / "node")
+    (tmp_path / "afile").write_text("")
+    kubelet_dir = tmp_path / "kubelet"
+    kubelet_dir.mkdir()
+    path = tmp_path / where
+    status = main(["run", "--node", str(node), "--kubelet-dir", str(kubelet_dir), option,
+                   str(path)])  # fmt: skip
+    assert status == 1
+    assert capsys.readouterr().err.splitlines() == [f"gpushare run: {message.format(path=path)}"]
+    assert list(kubelet_dir.iterdir()) == []

@@ -115,14 +115,21 @@ class ControlServer:
         """
         check_socket_path(self.path)
         if not self.path.parent.exists():
-            self.path.parent.mkdir(mode=0o700, parents=True)
-        self._remove_stale()
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True)
+            except OSError as err:
+                raise OSError(f"control socket {self.path}: cannot create its directory:"
+                              f" {err.strerror or err}") from None
+        try:
+            self._remove_stale()
+        except OSError as err:
+            raise self._named(err) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._bind_private(sock)
-        except OSError:
+        except OSError as err:
             sock.close()
-            raise
+            raise self._named(err) from None
         self._inode = os.stat(self.path).st_ino
         sock.listen(MAX_CONNECTIONS)
         sock.settimeout(ACCEPT_POLL_S)
@@ -131,6 +138,12 @@ class ControlServer:
         self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
         self._thread.start()
         log.info("control socket listening on %s", self.path)
+
+    def _named(self, err: OSError) -> OSError:
+        """An OS error with the socket's path in front; one of ours (it names it) as it is."""
+        if err.strerror is None:
+            return err
+        return OSError(f"control socket {self.path}: {err.strerror}")
 
     def stop(self) -> None:
         """Stop accepting and remove our socket file; safe to call twice."""
