@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,62 @@ def test_run_says_which_path_it_cannot_use(
     assert status == 1
     assert capsys.readouterr().err.splitlines() == [f"gpushare run: {message.format(path=path)}"]
     assert list(kubelet_dir.iterdir()) == []
+
+
+@pytest.fixture
+def unreadable_node() -> Iterator[Path]:
+    """A simulated node's state directory whose files this user cannot open, in a directory
+    anyone can enter (children run as nobody when the tests run as root; see unprivileged)."""
+    top = Path(f"/tmp/gs-perm-{os.getpid()}")
+    top.mkdir(mode=0o755)
+    try:
+        state = create_state("dgx-a100", top / "node")
+        for name in ("state.json", "lock"):
+            (state / name).chmod(0)
+        yield state
+    finally:
+        shutil.rmtree(top)
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that drops root (which ignores file modes) to nobody; none otherwise."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot drop root")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param(["plan", "--node", "{node}"],
+                     "cannot read the node: {node}/state.json: Permission denied", id="plan"),
+        pytest.param(["mig", "plan", "-f", "configs/mig-parted.yaml", "-c", "all-balanced",
+                      "--node", "{node}"],
+                     "gpushare mig plan: {node}/state.json: Permission denied", id="mig plan"),
+        pytest.param(["mig", "export", "--node", "{node}"],
+                     "gpushare mig export: {node}/state.json: Permission denied", id="mig export"),
+        pytest.param(["sim", "lose", "--node", "{node}", "--gpu", "1"],
+                     "gpushare sim lose: {node}/lock: Permission denied", id="sim lose"),
+        pytest.param(["run", "--node", "dgx-a100", "--kubelet-dir", "{kubelet}"],
+                     "gpushare run: kubelet directory {kubelet}: no permission to create sockets"
+                     " there (the kubelet's directory belongs to root: run gpushare as root)",
+                     id="run, kubelet directory not writable"),
+    ],
+)
+def test_no_permission_is_one_line_naming_the_path(
+    unreadable_node: Path, argv: list[str], expected: str
+) -> None:
+    """Files the user may not open: one line naming the file, a non-zero exit, no traceback."""
+    kubelet = unreadable_node.parent / "kubelet"
+    kubelet.mkdir(mode=0o555)
+    fill = {"node": str(unreadable_node), "kubelet": str(kubelet)}
+    result = subprocess.run(
+        [*unprivileged(), sys.executable, "-m", "plugin.cli",
+         *(arg.format(**fill) for arg in argv)],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [expected.format(**fill)]

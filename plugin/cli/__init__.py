@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from plugin import version
-from plugin.cli.logs import FORMATS, LEVELS, configure_logging
+from plugin.cli.logs import FORMATS, LEVELS, configure_logging, describe_os_error
 
 DESCRIPTION = """\
 gpushare: GPU sharing manager for Kubernetes nodes.
@@ -88,3 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
         return 0
+    except OSError as err:
+        # A file or directory the command could not use (a permission, a missing parent): one
+        # line naming it, as for every other error, instead of a traceback.
+        words = [args.command, getattr(args, "mig_command", ""), getattr(args, "sim_command", "")]
+        command = " ".join(word for word in words if word)
+        print(f"gpushare {command}: {describe_os_error(err)}", file=sys.stderr)
+        return 1

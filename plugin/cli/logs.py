@@ -55,3 +55,14 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OS error as a user reads it: `PATH: Permission denied`, not `[Errno 13] ...: 'PATH'`."""
+    if err.strerror is None:
+        return str(err)  # one of ours: its message says what and where
+    if err.filename is None:
+        return err.strerror
+    if err.filename2 is not None:
+        return f"{err.filename} -> {err.filename2}: {err.strerror}"
+    return f"{err.filename}: {err.strerror}"

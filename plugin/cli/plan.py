@@ -17,6 +17,7 @@ from plugin.cli.config_file import (
     load_config_file,
     overrides_from_args,
 )
+from plugin.cli.logs import describe_os_error
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
 from sharing.errors import ConfigError, PlanError, SharingError
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         inventory = read_node(args.node)
     except (SharingError, OSError, ValueError, LookupError) as err:
-        print(f"cannot read the node: {err}", file=sys.stderr)
+        reason = describe_os_error(err) if isinstance(err, OSError) else err
+        print(f"cannot read the node: {reason}", file=sys.stderr)
         return EXIT_NODE
     try:
         plan = build_plan_from(inventory, config, config_path(args.config, env))

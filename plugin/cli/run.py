@@ -13,6 +13,7 @@ from mps_daemon import COMPUTE_MODE_POLICIES, MANAGE_COMPUTE_MODE
 from plugin.api import DEFAULT_KUBELET_DIR
 from plugin.cli.affinity import parse_cpu_list, pin_process
 from plugin.cli.config_file import add_override_arguments, config_path, overrides_from_args
+from plugin.cli.logs import describe_os_error
 from plugin.daemon.cdi import CDI_SPEC_DIR_ENV, DEFAULT_SPEC_DIR
 from plugin.daemon.control import DEFAULT_CONTROL_SOCKET
 from plugin.daemon.metrics import DEFAULT_ADDRESS
@@ -192,8 +193,11 @@ def run_command(args: argparse.Namespace) -> int:
     except (ConfigError, PlanError) as err:
         print(f"gpushare run: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except (SharingError, OSError) as err:
+    except SharingError as err:
         print(f"gpushare run: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:
+        print(f"gpushare run: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -223,6 +224,11 @@ class Daemon:
                 f"kubelet directory {self.kubelet_dir} does not exist (is the kubelet's "
                 "device-plugins directory mounted? see --kubelet-dir; --create-kubelet-dir "
                 "creates it)"
+            )
+        if not os.access(self.kubelet_dir, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"kubelet directory {self.kubelet_dir}: no permission to create sockets there"
+                " (the kubelet's directory belongs to root: run gpushare as root)"
             )
         config = self._load_config()
         self.config = config
