@@ -147,7 +147,7 @@ def test_load_library_unknown_node_lists_shipped_names() -> None:
 def test_load_library_bad_node_file_names_file_and_field(tmp_path: Path) -> None:
     node = tmp_path / "bad.yaml"
     node.write_text('name: bad\ngpus:\n  - {model: A100-SXM4-40GB, bus_id: "x"}\n')
-    with pytest.raises(ConfigError, match=r"bad\.yaml: gpus\[0\]\.bus_id: .*got 'x'"):
+    with pytest.raises(ConfigError, match=r'bad\.yaml: gpus\[0\]\.bus_id: .*got "x"'):
         load_library(str(node))
 
 

@@ -98,6 +98,10 @@ GPU_A100 = '  - {model: A100-SXM4-40GB, bus_id: "00000000:07:00.0"'
         pytest.param(
             "- just a list\n", r"a node description must be a mapping", id="not a mapping"
         ),
+        pytest.param(
+            "version: v1\nsharing: {timeSlicing: {resources: [{name: x, replicas: 4}]}}\n",
+            r"bad\.yaml: name: Field required$", id="a gpushare config, not a node",
+        ),
     ],
 )
 def test_bad_node_descriptions_name_file_field_and_value(

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sharing.errors import ConfigError
 from sharing.nvml.profiles import CARDS, CardModel
+from sharing.text import short_repr
 
 _UUID_NAMESPACE = uuid.UUID("6f1d2a5e-43c8-4b7e-9a55-2b1f0c6d8e11")
 COMPUTE_MODES = {
@@ -136,7 +137,8 @@ def parse_node(text: str, source: str) -> NodeSpec:
         first = err.errors()[0]
         path = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in first["loc"])
         path = path.replace(".[", "[")
-        raise ConfigError(f"{source}: {path}: {first['msg']}, got {first.get('input')!r}") from err
+        got = "" if first["type"] == "missing" else f", got {short_repr(first.get('input'))}"
+        raise ConfigError(f"{source}: {path}: {first['msg']}{got}") from err
     _check(spec, source)
     return spec
 
