@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the resources, virtual devices, MPS limits and labels a config gives",
         description="Print what `gpushare run` would serve on this node (or a simulated "
         "node) with a config: per resource the strategy, physical parents, virtual devices, "
-        "MPS limits, and the node labels. Exit status 2 for a bad config.",
+        "MPS limits, and the node labels. Exit status 2 for a bad config, 1 when the node "
+        "cannot be read.",
     )
     parser.add_argument("--config", metavar="FILE", help="config file (default: $CONFIG_FILE)")
     parser.add_argument(
