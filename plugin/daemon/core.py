@@ -225,7 +225,8 @@ class Daemon:
                 "device-plugins directory mounted? see --kubelet-dir; --create-kubelet-dir "
                 "creates it)"
             )
-        if not os.access(self.kubelet_dir, os.W_OK | os.X_OK):
+        if not os.access(self.kubelet_dir, os.W_OK | os.X_OK,
+                         effective_ids=os.access in os.supports_effective_ids):
             raise PermissionError(
                 f"kubelet directory {self.kubelet_dir}: no permission to create sockets there"
                 " (the kubelet's directory belongs to root: run gpushare as root)"
