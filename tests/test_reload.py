@@ -87,8 +87,8 @@ def test_broken_edit_keeps_the_old_plan_and_logs_file_and_field(
     assert daemon.reload_failures == 1
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     message = record.getMessage()
-    assert message.startswith(f"reload of {config} failed: ")
-    assert "sharing.timeSlicing.resources[0].replicas" in message
+    assert message == (f"reload of {config} failed: sharing.timeSlicing.resources[0].replicas:"
+                       " must be >= 2, got 1")
     assert len(daemon.plan.resources[0].devices) == 32
     assert len(kubelet.lists("nvidia.com/gpu")) == lists_before
     assert len(kubelet.latest("nvidia.com/gpu").devices) == 32

@@ -337,7 +337,9 @@ class Daemon:
         except (SharingError, OSError) as err:
             self.reload_failures += 1
             self.metrics.config_reload(False)
-            log.error("reload of %s failed: %s", source, err)
+            # A config error starts with the file's path, which this line names already.
+            log.error("reload of %s failed: %s", source,
+                      str(err).removeprefix(f"{source}: ").replace(f"\n{source}: ", "\n"))
             return False
         self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config))
         self.metrics.config_reload(True)
