@@ -97,6 +97,17 @@ def test_broken_edit_keeps_the_old_plan_and_logs_file_and_field(
     kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.devices) == 16, 2.0)
 
 
+def test_reload_without_a_change_says_so(
+    daemon: Daemon, kubelet: FakeKubelet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload that changes nothing (SIGHUP, a file touched) logs that, and sends nothing."""
+    caplog.set_level(logging.INFO, logger="gpushare.daemon")
+    lists_before = len(kubelet.lists("nvidia.com/gpu"))
+    assert daemon.reload()
+    assert [r.getMessage() for r in caplog.records] == ["reload: nothing changed (nvidia.com/gpu)"]
+    assert len(kubelet.lists("nvidia.com/gpu")) == lists_before
+
+
 def test_renamed_resource_is_served_and_the_old_one_stopped(
     daemon: Daemon, kubelet: FakeKubelet, config: Path, kubelet_dir: Path,
     caplog: pytest.LogCaptureFixture,

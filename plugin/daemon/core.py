@@ -442,6 +442,8 @@ class Daemon:
         self._applied_seq = seq
         self.config = config
         diff = self.state.plan.diff(plan)
+        if diff.empty and seq > 0:  # say so: a SIGHUP or a touched file otherwise logs nothing
+            log.info("reload: nothing changed (%s)", ", ".join(plan.names) or "no resources")
         self.link.forget(diff.removed)
         for name in diff.removed:
             self._servers.pop(name).stop()
