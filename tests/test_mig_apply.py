@@ -7,6 +7,7 @@ and "touches only GPU 5" are counted NVML calls, not inferences.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_second_apply_makes_no_nvml_mutation(node, tmp_path) -> None:
     assert {g.result for g in result.gpus} == {"unchanged"}
 
 
-def test_a_config_changing_one_gpu_touches_only_that_gpu(node, tmp_path) -> None:
+def test_a_config_changing_one_gpu_touches_only_that_gpu(node, tmp_path, caplog) -> None:
+    """Only GPU 5 changes, and every log line of the apply names GPU 5 (text and `gpu` field)."""
     nvml, counter, state = node()
     text = EXAMPLE.read_text().replace(
         '    - devices: [5]\n      mig-enabled: true\n      mig-devices:\n        "2g.10gb": 3',
@@ -129,8 +131,12 @@ def test_a_config_changing_one_gpu_touches_only_that_gpu(node, tmp_path) -> None
     counter.mutations.clear()
     plan = plan_mig(nvml, text, "custom-config")
     assert plan.changed_gpus == (5,)
+    caplog.set_level(logging.INFO, logger="gpushare.mig.apply")
     result = apply_mig(nvml, plan, journal_path=tmp_path / "j")
     assert result.changed_gpus == (5,)
+    lines = [(r.getMessage(), getattr(r, "gpu", None)) for r in caplog.records]
+    assert len(lines) > 2
+    assert all(text.startswith("GPU 5") and gpu == 5 for text, gpu in lines), lines
     assert set(counter.gpus()) == {5}
     gpus_after = json.loads((state / "state.json").read_text())["gpus"]
     assert [g for i, g in enumerate(gpus_after) if i != 5] == \

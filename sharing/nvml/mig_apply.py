@@ -277,13 +277,15 @@ class _Runner:
             state = _alive(read_gpu_mig_state(self.nvml, gpu.index))
             _verify(state, gpu.desired)
         except (MigError, NvmlError) as err:
-            log.error("%s: MIG layout of config %r not applied: %s", gpu.label, self.config, err)
+            log.error("%s: MIG layout of config %r not applied: %s", gpu.label, self.config, err,
+                      extra={"gpu": gpu.index})
             try:
                 after = read_gpu_mig_state(self.nvml, gpu.index).describe()
             except NvmlError as read_err:
                 after = f"unknown ({read_err})"
             return GpuOutcome(gpu.index, gpu.label, FAILED_GPU, done, after, str(err))
-        log.info("%s: MIG layout applied in %d steps: %s", gpu.label, done, state.describe())
+        log.info("%s: MIG layout applied in %d steps: %s", gpu.label, done, state.describe(),
+                 extra={"gpu": gpu.index})
         return GpuOutcome(gpu.index, gpu.label, APPLIED, done, state.describe())
 
     def _event(self, step: Step, phase: str, error: str = "") -> None:
@@ -300,7 +302,7 @@ class _Runner:
             self.journal.failed(step, str(err))
             self._event(step, "failed", str(err))
             raise
-        log.info("%s", step.describe())
+        log.info("%s", step.describe(), extra={"gpu": step.gpu})
         self.journal.done(step)
         self._event(step, "done")
 
