@@ -376,3 +376,25 @@ def test_no_permission_is_one_line_naming_the_path(
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.splitlines() == [expected.format(**fill)]
+
+
+def test_run_refuses_a_name_too_long_for_its_socket(
+    tmp_path: Path, kubelet_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plan` cannot know the kubelet directory; `run` checks the socket paths before serving:
+    exit 2 (a config error) with one line naming the resource, no socket made."""
+    from tests.test_reload import long_name
+
+    node = create_state("dgx-a100", tmp_path / "node")
+    kubelet_dir = kubelet_dir / ("d" * 30)  # as long as /var/lib/kubelet/device-plugins
+    kubelet_dir.mkdir()
+    name = long_name(kubelet_dir)
+    config = tmp_path / "config.yaml"
+    config.write_text(time_slicing(2).replace(
+        "- name: nvidia.com/gpu\n", f"- name: nvidia.com/gpu\n        rename: {name}\n"))
+    status = main(["run", "--node", str(node), "--config", str(config), "--kubelet-dir",
+                   str(kubelet_dir)])  # fmt: skip
+    assert status == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"gpushare run: {config}: {name}: its socket {kubelet_dir}/gpushare-g")
+    assert list(kubelet_dir.iterdir()) == []

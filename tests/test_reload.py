@@ -108,6 +108,39 @@ def test_reload_without_a_change_says_so(
     assert len(kubelet.lists("nvidia.com/gpu")) == lists_before
 
 
+def long_name(kubelet_dir: Path) -> str:
+    """A valid resource name (<= 63 characters) whose socket path in `kubelet_dir` is one byte
+    longer than a unix socket path can be (107)."""
+    part = 108 - len(f"{kubelet_dir}/gpushare-.sock")
+    assert 0 < part <= 63 - len("a.io/")
+    return "a.io/" + "g" * part
+
+
+def test_reload_to_a_name_too_long_for_a_socket_changes_nothing(
+    config: Path, kubelet_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rename whose socket path would not fit is refused like any bad config, naming the
+    resource; the old plan keeps serving (before, the reload failed at grpc's bind)."""
+    deep = kubelet_dir / ("d" * 30)  # the default /var/lib/kubelet/device-plugins is 32 bytes
+    deep.mkdir()
+    daemon = make_daemon(config, deep, tmp_path)
+    daemon.start()
+    try:
+        caplog.set_level(logging.ERROR, logger="gpushare.daemon")
+        name = long_name(deep)
+        config.write_text(time_slicing(4).replace(
+            "- name: nvidia.com/gpu\n", f"- name: nvidia.com/gpu\n        rename: {name}\n"))
+        assert not daemon.reload()
+        [record] = caplog.records
+        assert record.getMessage().startswith(
+            f"reload of {config} failed: {name}: its socket {deep}/gpushare-g")
+        assert "would be 108 bytes, and unix socket paths hold at most 107" in record.getMessage()
+        assert daemon.plan.names == ("nvidia.com/gpu",)
+        assert sorted(p.name for p in deep.iterdir()) == ["gpushare-gpu.sock"]
+    finally:
+        daemon.stop()
+
+
 def test_renamed_resource_is_served_and_the_old_one_stopped(
     daemon: Daemon, kubelet: FakeKubelet, config: Path, kubelet_dir: Path,
     caplog: pytest.LogCaptureFixture,

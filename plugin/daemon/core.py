@@ -27,6 +27,7 @@ from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
 from plugin.daemon.config_reader import ConfigReader, ReadCancelled
+from plugin.daemon.control import MAX_SOCKET_PATH
 from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.daemon.kubelet import KubeletLink
 from plugin.daemon.observe import Observability
@@ -37,7 +38,7 @@ from plugin.daemon.state import NodeState
 from plugin.daemon.watch import FileWatcher
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory
-from sharing.errors import NvmlError, SharingError
+from sharing.errors import NvmlError, PlanError, SharingError
 from sharing.nvml import Nvml, nvml_session, read_inventory
 from sharing.plan_types import Plan
 
@@ -392,7 +393,26 @@ class Daemon:
         if self.nvml is None:
             return Plan(resources=()), Inventory(gpus=())
         inventory = read_inventory(self.nvml)
-        return build_plan_from(inventory, config, self.config_path), inventory
+        plan = build_plan_from(inventory, config, self.config_path)
+        self._check_socket_paths(plan)
+        return plan, inventory
+
+    def _check_socket_paths(self, plan: Plan) -> None:
+        """Refuse a plan whose socket paths a unix socket cannot have (a long resource name).
+
+        Raises:
+            PlanError: a path is longer than sun_path holds; the message names the resource.
+        """
+        for resource in plan.resources:
+            path = self.kubelet_dir / resource.socket_name
+            size = len(os.fsencode(path))
+            if size > MAX_SOCKET_PATH:
+                where = f"{self.config_path}: " if self.config_path else ""
+                raise PlanError(
+                    f"{where}{resource.name}: its socket {path} would be {size} bytes, and unix"
+                    f" socket paths hold at most {MAX_SOCKET_PATH}: shorten the resource name"
+                    " (rename) or the kubelet directory"
+                )
 
     def _cdi_for(self, plan: Plan, config: Config) -> CdiUpdate | None:
         """The CDI spec that goes with `plan` (may run nvidia-ctk: never under the lock)."""
