@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "config reload, idle CPU, MIG plan, MIG apply and a MIG reconfiguration job, on "
         "simulated nodes. Prints a table and writes JSON.",
     )
-    parser.add_argument("--only", nargs="*", metavar="NAME", help="run only these benchmarks")
+    parser.add_argument("--only", nargs="*", metavar="NAME",
+                        help=f"run only these benchmarks: {', '.join(_suites(False))}")
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke check)")
     parser.add_argument(
         "--runs", type=int, metavar="N",

@@ -68,6 +68,19 @@ def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -
     assert "unknown benchmark(s) ['allocat']" in capsys.readouterr().err
 
 
+def test_help_names_every_benchmark(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README sends readers to --help for the names --only takes."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line break inside a hyphenated name
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    names = ("allocate preferred plan inventory health reregister coldstart memory reload"
+             " mig-plan mig-apply idle mig-job")
+    assert f"run only these benchmarks: {', '.join(names.split())}" in text
+
+
 def test_mig_benchmarks_report_plan_and_apply(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
