@@ -128,8 +128,9 @@ def _add_assert_and_export(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
         help="print the current layout as a mig-parted v1 file",
-        description="Print the MIG-capable GPUs' current layouts as a mig-parted "
-        "`version: v1` file with one config; `mig assert` accepts it.",
+        description="Print every GPU's current layout as a mig-parted `version: v1` file with"
+        " one config (GPUs without MIG as mig-enabled: false; lost GPUs left out); `mig assert`"
+        " accepts it.",
     )
     export.add_argument("--name", default="current", help="config name (default: current)")
     _node_arg(export)
