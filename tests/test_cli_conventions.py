@@ -398,3 +398,31 @@ def test_run_refuses_a_name_too_long_for_its_socket(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"gpushare run: {config}: {name}: its socket {kubelet_dir}/gpushare-g")
     assert list(kubelet_dir.iterdir()) == []
+
+
+def test_a_simulated_node_keeps_its_labels_under_its_host_directory(tmp_path: Path) -> None:
+    """`run --node DIR` without a labels path writes the default file under DIR/host/, as its
+    journal and control socket, never the machine's NFD directory; a stop removes it."""
+    node = create_state("dgx-a100", tmp_path / "node")
+    labels = node / "host/etc/kubernetes/node-feature-discovery/features.d/gfd"
+    kubelet_dir = Path(f"/tmp/gs-lab-{os.getpid()}")
+    kubelet_dir.mkdir()
+    env = {k: v for k, v in child_env().items() if k != "GFD_OUTPUT_FILE"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "run", "--node", str(node), "--kubelet-dir",
+         str(kubelet_dir)],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wait_until(labels.exists, timeout_s=20)
+        assert "nvidia.com/gpu.count=8" in labels.read_text().splitlines()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=10)
+        assert run.returncode == 0
+        assert f"node labels written to {labels} (8 labels)" in err
+        assert not labels.exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        shutil.rmtree(kubelet_dir, ignore_errors=True)

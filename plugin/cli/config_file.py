@@ -93,7 +93,8 @@ OVERRIDE_HELP = {
     "shared-devices-allocation-policy": "which replicas GetPreferredAllocation picks:"
     " distributed (spread over GPUs, default) or packed",
     "labels-file": "node labels file for node-feature-discovery's local source (default"
-    " /etc/kubernetes/node-feature-discovery/features.d/gfd); empty disables it",
+    " /etc/kubernetes/node-feature-discovery/features.d/gfd, with --node under the simulated"
+    " node's host/ directory); empty disables it",
 }
 
 

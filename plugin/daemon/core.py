@@ -154,6 +154,11 @@ class Daemon:
         return self.state.plan
 
     @property
+    def host_root(self) -> Path:
+        """Where host paths live: `/` on a real node, a simulated node's `host/` directory."""
+        return self.nvml.host.root if self.nvml is not None else Path("/")
+
+    @property
     def phase(self) -> str:
         """`starting` (until start() is done), `running`, or `stopping` (from stop() on)."""
         if self._stopping:

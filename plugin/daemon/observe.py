@@ -7,6 +7,7 @@ daemon's background loops. Readiness: every resource of the plan registered with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -17,8 +18,11 @@ from plugin.daemon.labels_file import LabelsFile
 from plugin.daemon.metrics import Metrics, MetricsServer
 from plugin.daemon.state import NodeState
 from sharing.config import Config
+from sharing.config_models import GfdFlags
 from sharing.devices import Inventory
 from sharing.plan_types import Plan
+
+DEFAULT_LABELS_FILE = GfdFlags.model_fields["output_file"].default
 
 
 class ObservedDaemon(Protocol):
@@ -28,6 +32,10 @@ class ObservedDaemon(Protocol):
     state: NodeState
     link: KubeletLink
     config: Config | None
+
+    @property
+    def host_root(self) -> Path:
+        """`/` on a real node, a simulated node's `host/` directory."""
 
     @property
     def phase(self) -> str:
@@ -104,4 +112,11 @@ class Observability:
         """Rewrite the labels file for an applied Plan (at the path its config names now)."""
         config = self._daemon.config
         output = config.flags.gfd.output_file if config is not None else ""
+        root = self._daemon.host_root
+        if output == DEFAULT_LABELS_FILE and root != Path("/"):
+            # A simulated node keeps its labels under its host/ directory, as its MIG journal
+            # and control socket: a trial never writes the host's NFD directory.
+            output = str(root / output.lstrip("/"))
+            with contextlib.suppress(OSError):  # LabelsFile logs a directory it cannot use
+                Path(output).parent.mkdir(parents=True, exist_ok=True)
         self.labels.update(plan.labels, Path(output) if output else None)
