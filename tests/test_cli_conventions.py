@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from plugin import version
 from plugin.cli import build_parser, main
 from plugin.cli.logs import JsonFormatter
 from sharing.nvml.sim import create_state
@@ -167,6 +168,9 @@ def test_run_creates_the_kubelet_dir_when_asked(tmp_path: Path) -> None:
         _, err = run.communicate(timeout=10)
         assert run.returncode == 0
         assert f"created the kubelet directory {kubelet_dir}" in err
+        assert (f"INFO gpushare.daemon: gpushare {version()} starting: 8 GPUs"
+                f" (NVIDIA A100-SXM4-40GB), config none (every default), kubelet directory"
+                f" {kubelet_dir}\n") in err
     finally:
         if run.poll() is None:
             run.kill()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mps_daemon import MANAGE_COMPUTE_MODE
+from plugin import version
 from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
@@ -250,6 +251,11 @@ class Daemon:
             for hook in self._startup_hooks:
                 hook(self.nvml)
             plan, inventory = self._build(config)
+            gpus = len(inventory.gpus)
+            log.info("gpushare %s starting: %d GPU%s (%s), config %s, kubelet directory %s",
+                     version(), gpus, "" if gpus == 1 else "s",
+                     ", ".join(sorted({g.name for g in inventory.gpus})) or "none",
+                     self.config_path or "none (every default)", self.kubelet_dir)
             self._apply(plan, inventory, config=config, seq=0, cdi=self._cdi_for(plan, config))
             monitor = self._add_health_monitor(config)
             if monitor is not None:
