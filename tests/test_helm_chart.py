@@ -36,6 +36,7 @@ SCENARIOS = {
     "time-slicing": ("time-slicing.yaml", ()),
     "mps": ("mps.yaml", ()),
     "mps-compute-mode-leave": ("mps.yaml", ("mps.computeMode=leave",)),
+    "json-logs": (None, ("logFormat=json",)),
     "mig-mixed": ("mig-mixed.yaml", ()),
     "existing-configmap": ("existing-configmap.yaml", ()),
     "metrics-service-and-servicemonitor": (None, ("metrics.serviceMonitor.enabled=true",)),
@@ -182,6 +183,11 @@ def test_mps_has_host_pid_and_the_mps_root_mount_and_the_default_has_neither(ren
     assert "hostPID" not in pod_spec(default)
     assert all("mps" not in path for path in host_path_mounts(default))
     assert parsed_command(default).mps_root is None
+
+
+def test_logs_are_text_by_default_and_json_when_asked(rendered):
+    assert parsed_command(rendered["default"]).log_format == "text"
+    assert parsed_command(rendered["json-logs"]).log_format == "json"
 
 
 def test_mps_compute_mode_is_managed_by_default_and_left_when_asked(rendered):
@@ -430,6 +436,7 @@ def test_the_service_monitor_scrapes_the_metrics_service_of_the_pods(rendered):
                      "at '/config/content': got array, want",
                      id="config as a list"),
         pytest.param({"probes": {"mode": "tcp"}}, "at '/probes/mode'", id="unknown probe mode"),
+        pytest.param({"logFormat": "yaml"}, "at '/logFormat'", id="unknown log format"),
         pytest.param({"mps": {"computeMode": "exclusive"}}, "at '/mps/computeMode'",
                      id="unknown MPS compute mode"),
         pytest.param({"metrcs": {"enabled": False}}, "additional properties 'metrcs' not allowed",
