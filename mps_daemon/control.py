@@ -12,9 +12,11 @@ stop(): `quit`, wait, then SIGTERM / SIGKILL; compute modes we changed are resto
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
+import stat
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -68,13 +70,60 @@ def checked_dirs(spec: MpsSpec, mps_root: str) -> tuple[str, str, str]:
                 f"MPS directory {path!r} of {spec.resource} resolves to {real!r}, "
                 f"outside mpsRoot {mps_root!r}"
             )
+    shm = os.path.realpath(spec.shm_dir)
+    for path in dirs[:2]:
+        if os.path.commonpath([shm, os.path.realpath(path)]) == shm:
+            raise MpsDaemonError(
+                f"MPS directory {path!r} of {spec.resource} is inside the shared memory "
+                f"directory {spec.shm_dir!r}, which every client can write"
+            )
     return dirs
 
 
+def _check_root(mps_root: str) -> None:
+    """mpsRoot must be a directory only its owner (us or root) can change.
+
+    Otherwise another user could swap a resource directory for a link between our checks
+    and the daemon's use of it.
+
+    Raises:
+        OSError: mpsRoot is owned by another user or writable by group or others.
+    """
+    if not os.path.isdir(mps_root):
+        os.makedirs(mps_root, mode=RESOURCE_DIR_MODE, exist_ok=True)
+        os.chmod(mps_root, RESOURCE_DIR_MODE)  # ours: exactly 0755, whatever the umask
+    info = os.stat(mps_root)
+    if info.st_uid not in (0, os.geteuid()):
+        raise OSError(f"mpsRoot {mps_root} is owned by uid {info.st_uid}, not by root or us")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise OSError(f"mpsRoot {mps_root} is writable by group or others "
+                      f"(mode {stat.S_IMODE(info.st_mode):04o})")
+
+
 def _make_dir(path: str, mode: int) -> None:
-    """Create `path` (and missing parents) and set its mode exactly, whatever the umask."""
+    """Create `path` (and missing parents) and set its mode exactly, whatever the umask.
+
+    The mode is set through a descriptor opened without following links, and only on a
+    directory we own: a link or another user's directory planted at `path` is refused, never
+    followed or adopted.
+
+    Raises:
+        OSError: `path` is a link, not a directory, or owned by another user.
+    """
     os.makedirs(path, mode=mode, exist_ok=True)
-    os.chmod(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(f"{path} is a link or not a directory; refusing to use it") from None
+        raise
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise OSError(f"{path} is owned by uid {owner}, not by us; refusing to use it")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 class MpsControlDaemon:
@@ -159,6 +208,7 @@ class MpsControlDaemon:
         """
         pipe, log_dir, shm = checked_dirs(self.spec, self.mps_root)
         try:
+            _check_root(self.mps_root)
             _make_dir(os.path.dirname(pipe), RESOURCE_DIR_MODE)
             _make_dir(pipe, PIPE_DIR_MODE)
             _make_dir(log_dir, LOG_DIR_MODE)

@@ -260,6 +260,8 @@ def _spec(root: str, resource: str = "nvidia.com/gpu") -> MpsSpec:
                      id="relative mpsRoot"),
         pytest.param("", "nvidia.com/gpu", "mpsRoot must be an absolute path", id="empty mpsRoot"),
         pytest.param(None, "nvidia.com/..", "outside mpsRoot", id="resource name escapes"),
+        pytest.param(None, "nvidia.com/shm", "inside the shared memory directory",
+                     id="pipe directory inside the clients' /dev/shm"),
     ],
 )
 def test_paths_must_stay_inside_an_absolute_mps_root(
@@ -279,6 +281,52 @@ def test_symlink_out_of_mps_root_is_refused(mps_root: Path, tmp_path: Path) -> N
     with pytest.raises(MpsDaemonError, match="outside mpsRoot"):
         daemon.start()
     assert list(tmp_path.iterdir()) == []
+
+
+def _start_refused(mps_root: Path, message: str) -> None:
+    daemon = MpsControlDaemon(_spec(str(mps_root)), control_binary=standin_argv(),
+                              mps_root=str(mps_root))
+    with pytest.raises(MpsDaemonError, match=message):
+        daemon.start()
+    assert not daemon.running
+
+
+def test_link_planted_inside_mps_root_is_not_followed(mps_root: Path) -> None:
+    """`<root>/shm` planted as a link to another directory under the root: refused, and the
+    target keeps its mode (it was made world-writable, 1777, through the link)."""
+    private = mps_root / "private"
+    private.mkdir(mode=0o700)
+    (mps_root / "shm").symlink_to(private)
+    _start_refused(mps_root, "shm is a link or not a directory")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+
+
+def test_directory_of_another_user_in_mps_root_is_not_adopted(mps_root: Path) -> None:
+    """A pipe directory created beforehand by another user (who could then swap the daemon's
+    sockets) is refused, and left as it was."""
+    pipe = Path(_spec(str(mps_root)).pipe_dir)
+    pipe.mkdir(parents=True)
+    pipe.chmod(0o777)
+    os.chown(pipe, 65534, 65534)
+    _start_refused(mps_root, "pipe is owned by uid 65534, not by us")
+    assert stat.S_IMODE(pipe.stat().st_mode) == 0o777
+    assert list(pipe.iterdir()) == []
+
+
+def test_mps_root_writable_by_others_is_refused(mps_root: Path) -> None:
+    """Anyone who can write mpsRoot could replace a resource directory after our checks."""
+    mps_root.chmod(0o777)
+    _start_refused(mps_root, "writable by group or others \\(mode 0777\\)")
+    assert list(mps_root.iterdir()) == []
+
+
+def test_plan_rejects_an_mps_resource_named_shm(inventory_of: Callable[..., Inventory]) -> None:
+    """`shm` would put the pipe directory inside `<mpsRoot>/shm`, the clients' /dev/shm."""
+    config = load_config("version: v1\nflags: {mpsRoot: /run/mps}\nsharing:\n  mps:\n"
+                         "    resources:\n    - {name: nvidia.com/gpu, rename: shm, replicas: 2}\n")
+    with pytest.raises(PlanError, match='MPS resource "nvidia.com/shm" would keep its pipe '
+                                        "directory /run/mps/shm/pipe inside the shared memory"):
+        build_plan(inventory_of("dgx-a100"), config)
 
 
 def test_plan_rejects_a_relative_mps_root(inventory_of: Callable[..., Inventory]) -> None:
