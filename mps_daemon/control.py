@@ -12,10 +12,12 @@ stop(): `quit`, wait, then SIGTERM / SIGKILL; compute modes we changed are resto
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import posixpath
+import signal
 import stat
 import subprocess
 import time
@@ -27,11 +29,14 @@ from mps_daemon.runner import CommandRunner, Process, SubprocessRunner
 from sharing.devices import ComputeMode
 from sharing.errors import NvmlError, SharingError
 from sharing.mps import format_mem_limit
+from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.plan_types import MpsSpec
 
 log = logging.getLogger("gpushare.mps")
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
+MAX_PID_FILE = 64  # bytes of a pid file worth reading
+MAX_ENVIRON = 1 << 20  # bytes of /proc/<pid>/environ read to identify a stale daemon
 OUTPUT_FILE = "control-daemon.out"  # the daemon's own stdout/stderr, in the log directory
 # Directory modes. The pipe directory is mounted into client containers, whose processes may
 # run under any uid and must reach the pipes: readable and searchable, writable by root only.
@@ -124,6 +129,40 @@ def _make_dir(path: str, mode: int) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
+
+
+def _stale_daemon_pid(pid_file: Path, pipe_dir: str) -> int | None:
+    """The pid in `pid_file` when that process runs a control daemon of `pipe_dir`, else None."""
+    try:
+        text = read_regular_text(pid_file, MAX_PID_FILE, "pid file").strip()
+    except UnreadableFile:
+        return None
+    if not text.isdigit() or int(text) in (0, os.getpid()):
+        return None
+    pid = int(text)
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read(MAX_ENVIRON).split(b"\0")
+    except OSError:
+        return None
+    wanted = b"CUDA_MPS_PIPE_DIRECTORY=" + os.fsencode(pipe_dir)
+    return pid if wanted in environ else None
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `pid` to exit (a zombie counts as gone); True when it did."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read(4096).rpartition(b")")[2].split()[:1]
+        except OSError:
+            return True
+        if state == [b"Z"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 class MpsControlDaemon:
@@ -313,14 +352,35 @@ class MpsControlDaemon:
         return text.strip()[-300:] or "no output"
 
     def _quit_stale(self) -> None:
-        """A pid file left by an earlier run: ask that daemon to quit before starting ours."""
-        if (Path(self.spec.pipe_dir) / PID_FILE).exists() and not self.running:
-            try:
-                self.command(["quit"])
-                log.info("%s: asked a control daemon left by an earlier run to quit",
-                         self.spec.resource)
-            except MpsDaemonError:
-                pass
+        """A pid file left by an earlier run (gpushare killed): ask that daemon to quit, and
+        make sure it is gone before ours starts on the same pipe directory.
+
+        The pid is signalled only when that process is a control daemon of this very pipe
+        directory (its CUDA_MPS_PIPE_DIRECTORY says so): a pid file naming a reused pid or
+        another program is never acted on.
+        """
+        pid_file = Path(self.spec.pipe_dir) / PID_FILE
+        if self.running or not pid_file.exists():
+            return
+        stale = _stale_daemon_pid(pid_file, self.spec.pipe_dir)
+        try:
+            self.command(["quit"])
+            log.info("%s: asked a control daemon left by an earlier run to quit",
+                     self.spec.resource)
+        except MpsDaemonError as err:
+            if stale is not None:
+                log.warning("%s: control daemon %d left by an earlier run did not take `quit` "
+                            "(%s)", self.spec.resource, stale, err)
+        if stale is None or _gone(stale, self._stop_s):
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            log.warning("%s: control daemon %d left by an earlier run still runs; sending %s",
+                        self.spec.resource, stale, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stale, sig)
+            if _gone(stale, self._stop_s):
+                return
+        raise MpsDaemonError(f"control daemon {stale} left by an earlier run survives SIGKILL")
 
     def stop_process(self) -> None:
         """Stop the child only (`quit`, then signals); compute modes stay, for a restart."""

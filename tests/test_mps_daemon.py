@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -391,3 +392,60 @@ def test_mps_daemon_never_imports_plugin() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "plugin" or n.startswith("plugin.") for n in names), path
+
+
+HOSTILE = Path(__file__).resolve().parent / "fakes" / "hostile_mps.py"
+
+
+def _hostile(mode: str) -> tuple[str, ...]:
+    """argv prefix of the misbehaving control program (tests/fakes/hostile_mps.py)."""
+    return (sys.executable, str(HOSTILE), mode)
+
+
+def _spawn_leftover(argv: list[str], pipe_dir: str) -> subprocess.Popen[bytes]:
+    """A process left running by an earlier gpushare (its own session, like our children)."""
+    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir}
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def test_daemon_left_by_a_killed_run_that_ignores_quit_is_stopped_before_ours_starts(
+    mps_root: Path,
+) -> None:
+    """gpushare was SIGKILLed; its control daemon still runs, takes no `quit` and ignores
+    SIGTERM. The next start stops it (quit, SIGTERM, SIGKILL) before starting its own, so no
+    daemon is left running for nobody."""
+    spec = _spec(str(mps_root))
+    Path(spec.pipe_dir).mkdir(parents=True)
+    pid_file = Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid"
+    old = _spawn_leftover([*_hostile("silent"), "-f"], spec.pipe_dir)
+    try:
+        _wait(pid_file.exists)
+        daemon = MpsControlDaemon(spec, control_binary=standin_argv(), mps_root=str(mps_root),
+                                  command_timeout_s=0.5, stop_timeout_s=0.5)
+        daemon.start()
+        try:
+            assert old.poll() == -signal.SIGKILL
+            daemon.probe()
+            assert int(pid_file.read_text()) == daemon.pid
+        finally:
+            daemon.stop()
+    finally:
+        old.kill()
+        old.wait()
+
+
+def test_pid_file_naming_another_program_is_never_signalled(mps_root: Path) -> None:
+    """A stale pid file whose pid is now another program (pid reuse): left alone."""
+    spec = _spec(str(mps_root))
+    Path(spec.pipe_dir).mkdir(parents=True)
+    other = _spawn_leftover([sys.executable, "-c", "import time; time.sleep(60)"], "/elsewhere")
+    try:
+        (Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid").write_text(f"{other.pid}\n")
+        daemon = MpsControlDaemon(spec, control_binary=standin_argv(), mps_root=str(mps_root),
+                                  command_timeout_s=0.5, stop_timeout_s=0.5)
+        daemon.start()
+        daemon.stop()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
