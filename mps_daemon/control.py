@@ -38,6 +38,7 @@ PID_FILE = "nvidia-cuda-mps-control.pid"
 MAX_PID_FILE = 64  # bytes of a pid file worth reading
 MAX_ENVIRON = 1 << 20  # bytes of /proc/<pid>/environ read to identify a stale daemon
 OUTPUT_FILE = "control-daemon.out"  # the daemon's own stdout/stderr, in the log directory
+OUTPUT_TAIL = 4096  # bytes read from its end when a start fails
 # Directory modes. The pipe directory is mounted into client containers, whose processes may
 # run under any uid and must reach the pipes: readable and searchable, writable by root only.
 # The log directory is the daemon's alone. The shm directory becomes the clients' /dev/shm,
@@ -345,11 +346,19 @@ class MpsControlDaemon:
         raise MpsDaemonError(f"control daemon did not answer within {self._ready_s}s: {last}")
 
     def _output_tail(self) -> str:
+        """The last lines of the daemon's output file (only its end is read, whatever its size)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            text = (Path(self.spec.log_dir) / OUTPUT_FILE).read_text(errors="replace")
+            fd = os.open(Path(self.spec.log_dir) / OUTPUT_FILE, flags)
+            try:
+                size = os.fstat(fd).st_size
+                os.lseek(fd, max(0, size - OUTPUT_TAIL), os.SEEK_SET)
+                data = os.read(fd, OUTPUT_TAIL)
+            finally:
+                os.close(fd)
         except OSError:
             return "no output"
-        return text.strip()[-300:] or "no output"
+        return data.decode(errors="replace").strip()[-300:] or "no output"
 
     def _quit_stale(self) -> None:
         """A pid file left by an earlier run (gpushare killed): ask that daemon to quit, and

@@ -6,7 +6,8 @@ a changed default limit applies only to the next MPS server (facts §4), so a re
 honest way to apply it. Its own thread checks every `tick_s` that each child still runs and
 probes it every `probe_interval_s`; a daemon that exited or answers wrongly is reported
 `down(resource, reason)` and restarted with exponential backoff, then reported `up(resource)`
-once it answers again. Every transition is logged once, with the resource and the reason.
+once it answers again; the backoff starts over only after the daemon stayed up `stable_s`.
+Every transition is logged once, with the resource and the reason.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TICK_S = 0.1  # how often each child's liveness is checked (a cheap waitpid)
 PROBE_INTERVAL_S = 2.0  # how often each daemon is asked its thread percentage
 BACKOFF_S = 0.2  # first restart delay; doubles per consecutive failure
 MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a daemon up this long has its backoff reset; a flapping one keeps growing it
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Entry:
     failures: int = 0
     retry_at: float = 0.0
     probe_at: float = 0.0
+    stable_at: float = 0.0  # when a restarted daemon counts as stable (its backoff is reset)
 
 
 def _changed_fields(old: MpsSpec, new: MpsSpec) -> list[str]:
@@ -71,6 +74,7 @@ class MpsSupervisor:
         probe_interval_s: float = PROBE_INTERVAL_S,
         backoff_s: float = BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
+        stable_s: float = STABLE_S,
         restarted: Callable[[str], None] | None = None,
     ) -> None:
         self._control = control_binary
@@ -82,6 +86,7 @@ class MpsSupervisor:
         self._compute_mode = compute_mode
         self._tick_s, self._probe_s = tick_s, probe_interval_s
         self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s
+        self._stable_s = stable_s
         self._entries: dict[str, _Entry] = {}
         self._pending: Plan | None = None
         self._lock = threading.Lock()
@@ -199,6 +204,9 @@ class MpsSupervisor:
                     entry.probe_at = now + self._probe_s
                 except MpsDaemonError as err:
                     self._failed(name, entry, f"probe failed: {err}", now)
+                    continue
+                if entry.failures and now >= entry.stable_at:
+                    entry.failures = 0  # up long enough: the next failure starts over
 
     def _try_start(self, name: str, entry: _Entry, now: float) -> None:
         try:
@@ -208,7 +216,9 @@ class MpsSupervisor:
             return
         if entry.failures and self._restarted is not None:
             self._restarted(name)  # a start after it exited, failed its probe or its start
-        entry.failures, entry.probe_at = 0, now + self._probe_s
+        # The backoff is reset only once the daemon stays up (see _check_all): one that
+        # answers and dies again at once would otherwise be restarted every backoff_s forever.
+        entry.probe_at, entry.stable_at = now + self._probe_s, now + self._stable_s
         if entry.up is not True:
             entry.up, entry.reason = True, ""
             log.info("%s: MPS control daemon answers (pid %s); limits %s", name,

@@ -449,3 +449,82 @@ def test_pid_file_naming_another_program_is_never_signalled(mps_root: Path) -> N
     finally:
         other.kill()
         other.wait()
+
+
+def _plan(spec: MpsSpec, root: Path) -> Plan:
+    return Plan(resources=(ResourcePlan(name=spec.resource, original_name=spec.resource,
+                                        strategy="mps", devices=(), mps=spec),),
+                options=ServeOptions(mps_root=str(root)))
+
+
+def test_flapping_daemon_backoff_keeps_growing(
+    mps_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon that answers, then dies at once, again and again: each restart waits longer
+    (it was restarted every backoff_s forever: a start reset the backoff)."""
+    supervisor = MpsSupervisor(
+        control_binary=_hostile("brief"), down=lambda r, why: None, up=lambda r: None,
+        tick_s=0.01, probe_interval_s=0.05, backoff_s=0.05, max_backoff_s=10.0, stable_s=30.0,
+    )
+    supervisor.update(_plan(_spec(str(mps_root)), mps_root))
+    caplog.set_level(logging.INFO, logger="gpushare.mps")
+    supervisor.start()
+    try:
+        _wait(lambda: len([r for r in caplog.records if r.levelno == logging.ERROR]) >= 4,
+              timeout_s=20)
+    finally:
+        supervisor.stop()
+    delays = [float(r.getMessage().rsplit("first try in ", 1)[1].rstrip("s)"))
+              for r in caplog.records if r.levelno == logging.ERROR]
+    assert delays[:4] == [0.1, 0.1, 0.2, 0.4], delays  # 0.05, 0.1, 0.2, 0.4 shown as %.1f
+
+
+def test_crash_loop_is_reported_once_and_its_output_file_stays_bounded(
+    mps_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A control daemon that exits at start, in a loop: one ERROR, restarts spaced by the
+    backoff, and its output file is moved aside once larger than the limit, not grown."""
+    spec = _spec(str(mps_root))
+    output = Path(spec.log_dir) / "control-daemon.out"
+    output.parent.mkdir(parents=True)
+    output.write_bytes(b"old\n" * (2 << 20))  # 8 MiB left from earlier runs
+    down: list[str] = []
+    supervisor = MpsSupervisor(
+        control_binary=_hostile("crash"), down=lambda r, why: down.append(why),
+        up=lambda r: None, tick_s=0.01, backoff_s=0.05, max_backoff_s=0.2,
+    )
+    supervisor.update(_plan(spec, mps_root))
+    caplog.set_level(logging.DEBUG, logger="gpushare.mps")
+    supervisor.start()
+    try:
+        _wait(lambda: output.read_bytes().count(b"crashing at start") >= 3, timeout_s=20)
+    finally:
+        supervisor.stop()
+    assert len(down) == 1, down
+    assert "exited with status 1" in down[0]
+    assert "hostile_mps: crashing at start" in down[0]
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    assert output.stat().st_size < 4096
+    assert Path(f"{output}.1").stat().st_size == 8 << 20
+
+
+def test_client_that_floods_stdout_is_stopped_at_the_limit(mps_root: Path) -> None:
+    """A control client writing 64 MiB: cut at 1 MiB and reported, not read into memory."""
+    daemon = MpsControlDaemon(_spec(str(mps_root)), control_binary=_hostile("flood"),
+                              mps_root=str(mps_root))
+    with pytest.raises(MpsDaemonError, match="wrote more than 1,048,576 bytes; stopped"):
+        daemon.command(["get_server_list"])
+
+
+def test_daemon_that_never_answers_cannot_hold_start_probe_or_stop(mps_root: Path) -> None:
+    """The control daemon accepts connections and never answers: every command times out, the
+    start fails in bounded time, and stop ends it (SIGTERM ignored: SIGKILL)."""
+    spec = _spec(str(mps_root))
+    daemon = MpsControlDaemon(spec, control_binary=_hostile("silent"), mps_root=str(mps_root),
+                              ready_timeout_s=1.0, command_timeout_s=0.5, stop_timeout_s=0.5)
+    began = time.monotonic()
+    with pytest.raises(MpsDaemonError, match="did not answer within 1.0s: .*timed out after 0.5s"):
+        daemon.start()
+    assert time.monotonic() - began < 6
+    pid = int((Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid").read_text())
+    assert not _alive(pid)

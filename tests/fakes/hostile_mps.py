@@ -7,6 +7,8 @@ Run as `hostile_mps.py MODE [-f]`. With `-f` it is the control daemon; without, 
   never answers, and ignores SIGTERM; the client connects and waits for an answer forever.
 - `flood`: the client writes FLOOD_BYTES to stdout without end of line, then exits 0.
 - `crash`: the daemon prints one line and exits 1 at once (a crash loop).
+- `brief`: the stand-in (mps_daemon/standin.py), except that its daemon dies BRIEF_S after it
+  starts: it answers, then exits (a flapping daemon).
 
 Standard library only, so the file runs by itself.
 """
@@ -21,6 +23,7 @@ import time
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
 FLOOD_BYTES = 64 << 20
+BRIEF_S = 0.5
 
 
 def _silent_daemon(pipe_dir: str) -> int:
@@ -59,6 +62,15 @@ def main(argv: list[str]) -> int:
         for _ in range(FLOOD_BYTES // len(chunk)):
             sys.stdout.buffer.write(chunk)
         return 0
+    if mode == "brief":
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path.insert(0, os.path.join(here, "..", "..", "mps_daemon"))
+        import standin  # the file alone, not the package (which loads all of gpushare)
+
+        if daemon:
+            signal.signal(signal.SIGALRM, lambda *_: os._exit(1))
+            signal.setitimer(signal.ITIMER_REAL, BRIEF_S)
+        return standin.main(argv[1:])
     if mode == "crash" and daemon:
         print("hostile_mps: crashing at start", flush=True)
         return 1
