@@ -20,6 +20,7 @@ import posixpath
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -182,6 +183,7 @@ class MpsControlDaemon:
         ready_timeout_s: float = 5.0,
         command_timeout_s: float = 5.0,
         stop_timeout_s: float = 2.0,
+        cancel: threading.Event | None = None,
     ) -> None:
         if compute_mode not in COMPUTE_MODE_POLICIES:
             raise ValueError(f"compute mode policy must be manage or leave, got {compute_mode!r}")
@@ -199,6 +201,7 @@ class MpsControlDaemon:
         self._ready_s = ready_timeout_s
         self._command_s = command_timeout_s
         self._stop_s = stop_timeout_s
+        self._cancel = cancel  # set: a start in progress gives up at its next step
         self._process: Process | None = None
         self._restore_modes: dict[int, ComputeMode] = {}
 
@@ -259,6 +262,8 @@ class MpsControlDaemon:
             ) from err
         self._exclusive_process()
         self._quit_stale()
+        if self._cancel is not None and self._cancel.is_set():
+            raise MpsDaemonError("start abandoned: gpushare is stopping")
         self._spawn()
         try:
             self._wait_ready()
@@ -332,6 +337,8 @@ class MpsControlDaemon:
         pid_file = Path(self.spec.pipe_dir) / PID_FILE
         last = "no pid file yet"
         while time.monotonic() < deadline:
+            if self._cancel is not None and self._cancel.is_set():
+                raise MpsDaemonError("start abandoned: gpushare is stopping")
             status = self.exit_status()
             if status is not None:
                 raise MpsDaemonError(f"control daemon exited with status {status} while "

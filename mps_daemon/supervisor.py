@@ -76,6 +76,7 @@ class MpsSupervisor:
         max_backoff_s: float = MAX_BACKOFF_S,
         stable_s: float = STABLE_S,
         restarted: Callable[[str], None] | None = None,
+        daemon_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._control = control_binary
         self._restarted = restarted
@@ -87,6 +88,7 @@ class MpsSupervisor:
         self._tick_s, self._probe_s = tick_s, probe_interval_s
         self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s
         self._stable_s = stable_s
+        self._timeouts = dict(daemon_timeouts or {})  # MpsControlDaemon's *_timeout_s
         self._entries: dict[str, _Entry] = {}
         self._pending: Plan | None = None
         self._lock = threading.Lock()
@@ -119,8 +121,16 @@ class MpsSupervisor:
             self._thread.join(timeout=30)
             self._thread = None
         entries, self._entries = list(self._entries.items()), {}
+        # The processes are stopped side by side: each may take its command and stop timeouts
+        # (a wedged daemon), and one after another they could outlast the pod's grace period.
+        stoppers = [threading.Thread(target=e.daemon.stop_process, name=f"gpushare-mps-stop-{n}",
+                                     daemon=True) for n, e in entries]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         for name, entry in entries:
-            entry.daemon.stop()
+            entry.daemon.stop()  # the process is gone; this restores the compute modes
             log.info("%s: MPS control daemon stopped", name)
 
     def daemon(self, resource: str) -> MpsControlDaemon | None:
@@ -185,7 +195,8 @@ class MpsSupervisor:
     def _new_daemon(self, spec: MpsSpec, root: str) -> MpsControlDaemon:
         return MpsControlDaemon(
             spec, control_binary=self._control, mps_root=root, nvml=self._nvml, env=self._env,
-            runner=self._runner, compute_mode=self._compute_mode,
+            runner=self._runner, compute_mode=self._compute_mode, cancel=self._stopping,
+            **self._timeouts,
         )
 
     def _check_all(self, now: float) -> None:
@@ -212,6 +223,8 @@ class MpsSupervisor:
         try:
             entry.daemon.start()
         except MpsDaemonError as err:
+            if self._stopping.is_set():
+                return  # abandoned for the stop: not a failure to report
             self._failed(name, entry, str(err), now)
             return
         if entry.failures and self._restarted is not None:

@@ -528,3 +528,51 @@ def test_daemon_that_never_answers_cannot_hold_start_probe_or_stop(mps_root: Pat
     assert time.monotonic() - began < 6
     pid = int((Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid").read_text())
     assert not _alive(pid)
+
+
+def test_stop_with_wedged_daemons_takes_one_timeout_not_one_per_daemon(mps_root: Path) -> None:
+    """Six control daemons stop answering (SIGSTOP: connections queue, nothing answers,
+    SIGTERM waits): stop() ends them all in about one daemon's `quit` timeout + SIGTERM wait
+    (0.5 s + 0.5 s), not six in a row (6 s), which could outlast the pod's grace period."""
+    specs = [_spec(str(mps_root), f"nvidia.com/mps-{n}") for n in range(6)]
+    supervisor = MpsSupervisor(
+        control_binary=standin_argv(), down=lambda r, why: None, up=lambda r: None,
+        probe_interval_s=3600, daemon_timeouts={"command_timeout_s": 0.5, "stop_timeout_s": 0.5},
+    )
+    supervisor.update(Plan(
+        resources=tuple(ResourcePlan(name=s.resource, original_name=s.resource, strategy="mps",
+                                     devices=(), mps=s) for s in specs),
+        options=ServeOptions(mps_root=str(mps_root))))
+    supervisor.start()
+    pids = [supervisor.daemon(s.resource).pid for s in specs]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    supervisor.stop()
+    took = time.monotonic() - began
+    assert not any(_alive(pid) for pid in pids)
+    assert took < 3.0, f"stop took {took:.1f}s"
+
+
+def test_stop_while_a_start_waits_for_an_answer_returns_promptly(mps_root: Path) -> None:
+    """A restart in progress waits up to its ready timeout (here 30 s) for a daemon that never
+    answers; stop() abandons it at once, ends the process and reports no failure."""
+    spec = _spec(str(mps_root))
+    down: list[str] = []
+    supervisor = MpsSupervisor(
+        control_binary=_hostile("silent"), down=lambda r, why: down.append(why),
+        up=lambda r: None,
+        daemon_timeouts={"ready_timeout_s": 30.0, "command_timeout_s": 0.3,
+                         "stop_timeout_s": 0.3},
+    )
+    supervisor.start()
+    supervisor.update(_plan(spec, mps_root))
+    pid_file = Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid"
+    _wait(pid_file.exists)
+    pid = int(pid_file.read_text())
+    began = time.monotonic()
+    supervisor.stop()
+    took = time.monotonic() - began
+    assert took < 5, f"stop took {took:.1f}s"
+    assert not _alive(pid)
+    assert down == []
