@@ -192,3 +192,39 @@ def test_unchanged_resource_keeps_its_snapshot_version(node: Node) -> None:
     assert node.state.snapshot("nvidia.com/gpu")[0] == gpu_version
     assert node.state.snapshot("example.com/vgpu")[0] > vgpu_version
     assert node.state.snapshot("example.com/missing") == (-1, None)
+
+
+def test_plugin_socket_never_exists_with_a_wider_mode(kubelet_dir: Path) -> None:
+    """Under umask 0 a socket bound in place was 0777 until chmod, so another local user
+    could connect meanwhile; it appears at its path already 0600. A thread watches the path
+    while the server starts and stops again and again."""
+    import os
+    import stat
+    import threading
+
+    path = kubelet_dir / "gpushare-gpu.sock"
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                seen.add(stat.S_IMODE(os.lstat(path).st_mode))
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    old = os.umask(0)
+    watcher.start()
+    try:
+        for _ in range(10):
+            server = create_server("nvidia.com/gpu", path, state=NodeState(),
+                                   allocator=lambda _: None)
+            server.start()
+            server.stop()
+    finally:
+        done.set()
+        watcher.join()
+        os.umask(old)
+    assert seen == {0o600}
+    assert sorted(p.name for p in kubelet_dir.iterdir()) == []

@@ -16,8 +16,10 @@ REFUSALS_LOGGED_PER_WINDOW per minute, the rest counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -292,16 +294,39 @@ class PluginServer:
                 options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
             )
             server.add_generic_rpc_handlers((device_plugin_handler(self.servicer),))
+            self._bind_private(server)
+            server.start()
+            self._server = server
+        wait_until_serving(self.socket_path, ready_timeout_s)
+
+    def _bind_private(self, server: grpc.Server) -> None:
+        """Bind in a fresh 0700 directory, make the socket 0600, then rename it into place.
+
+        So the socket never exists at its path with a wider mode, whatever the umask (bound in
+        place it was 0777 under umask 0 until the chmod, and any local user could connect).
+        """
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".p", dir=self.socket_path.parent))
+        except OSError as err:
+            raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
+        temporary = private / "s"
+        try:
             try:
-                bound = server.add_insecure_port(f"unix://{self.socket_path}")
+                bound = server.add_insecure_port(f"unix://{temporary}")
             except RuntimeError as err:
                 raise OSError(f"cannot bind {self.socket_path}: {err}") from err
             if bound == 0:
                 raise OSError(f"cannot bind {self.socket_path}")
-            server.start()
-            self._server = server
-        os.chmod(self.socket_path, SOCKET_MODE)
-        wait_until_serving(self.socket_path, ready_timeout_s)
+            os.chmod(temporary, SOCKET_MODE)
+            os.rename(temporary, self.socket_path)
+        except OSError as err:
+            if not str(err).startswith("cannot bind"):
+                raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            os.rmdir(private)
 
     def stop(self, grace_s: float = 0.2) -> None:
         """Stop serving and remove the socket; safe to call twice."""
@@ -310,8 +335,8 @@ class PluginServer:
         if server is None:
             return
         self.servicer.close()
-        # gRPC unlinks the socket path when the listener shuts down; wait for that to finish
-        # so a server started next on the same path keeps its socket.
+        # Wait for the listener to shut down before removing our socket (gRPC unlinks the
+        # path it bound, the temporary one, which is gone already).
         server.stop(grace_s).wait(grace_s + 2.0)
         self.socket_path.unlink(missing_ok=True)
 
