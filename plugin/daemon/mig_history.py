@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from sharing.nvml.files import write_atomic
+from sharing.nvml.files import open_regular, write_atomic
 
 log = logging.getLogger("gpushare.mig.jobs")
 
@@ -113,7 +113,7 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 def _read_json(path: Path) -> Any:
     """Parsed JSON of a state file; ValueError when too big or not JSON, OSError when unreadable."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         raw = f.read(MAX_STATE_FILE_BYTES + 1)
     if len(raw) > MAX_STATE_FILE_BYTES:
         raise ValueError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
