@@ -228,3 +228,14 @@ def test_plugin_socket_never_exists_with_a_wider_mode(kubelet_dir: Path) -> None
         os.umask(old)
     assert seen == {0o600}
     assert sorted(p.name for p in kubelet_dir.iterdir()) == []
+
+
+def test_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path: Path) -> None:
+    """A path the kubelet could not dial (over 107 bytes) is refused, though the temporary
+    path it is bound at first is short enough (a long resource name in a long directory)."""
+    path = tmp_path / f"gpushare-{'x' * 50}.sock"
+    assert len(str(tmp_path)) + 13 <= 107 < len(str(path))
+    server = create_server("nvidia.com/gpu", path, state=NodeState(), allocator=lambda _: None)
+    with pytest.raises(OSError, match=r"path is \d+ bytes; unix socket paths are limited to 107"):
+        server.start(ready_timeout_s=1.0)
+    assert list(tmp_path.iterdir()) == []

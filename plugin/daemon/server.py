@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
 SOCKET_MODE = 0o600
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request naming 16,384 IDs of 55 characters is ~1 MB
 SERVICE = "v1beta1.DevicePlugin"
 
@@ -305,6 +306,10 @@ class PluginServer:
         So the socket never exists at its path with a wider mode, whatever the umask (bound in
         place it was 0777 under umask 0 until the chmod, and any local user could connect).
         """
+        size = len(os.fsencode(self.socket_path))
+        if size > MAX_SOCKET_PATH:  # the short temporary path would bind; nobody could dial it
+            raise OSError(f"cannot bind {self.socket_path}: the path is {size} bytes; unix "
+                          f"socket paths are limited to {MAX_SOCKET_PATH}")
         try:
             private = Path(tempfile.mkdtemp(prefix=".p", dir=self.socket_path.parent))
         except OSError as err:
