@@ -120,3 +120,18 @@ def test_a_fifo_as_the_active_job_file_is_refused_not_waited_on(tmp_path: Path) 
     err = _returns_promptly(JobStore(tmp_path).active, fifo)
     assert isinstance(err, ValueError)
     assert "unreadable (not a regular file (a FIFO))" in str(err)
+
+
+def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Whoever can write the state directory could plant a MIG journal the next start acts
+    on: such a directory is refused (the daemon stops, or disables MIG jobs for the default
+    path, saying why)."""
+    shared = tmp_path / "state"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match=r"writable by group or others \(mode 0777\)"):
+        JobStore(shared).open()
+    os.chown(shared, 65534, 65534)
+    shared.chmod(0o700)
+    with pytest.raises(OSError, match="owned by uid 65534, not by root or us"):
+        JobStore(shared).open()

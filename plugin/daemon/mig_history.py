@@ -10,9 +10,11 @@ history file that cannot be read is moved aside (`.corrupt`) and a new one start
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -123,6 +125,22 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"not JSON ({err})") from None
 
 
+def _check_private(directory: Path) -> None:
+    """The state directory must be changeable by its owner (us or root) only: whoever can
+    write it can plant a journal that the next start acts on, reconfiguring the GPUs.
+
+    Raises:
+        OSError: owned by another user, or writable by group or others.
+    """
+    info = directory.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.geteuid()):
+        raise OSError(errno.EACCES, f"owned by uid {info.st_uid}, not by root or us")
+    if mode & 0o022:
+        raise OSError(errno.EACCES, f"writable by group or others (mode {mode:04o}); "
+                                    "the MIG journal there could be planted")
+
+
 class JobStore:
     """The job history and the active-job file of one state directory; thread-safe."""
 
@@ -155,6 +173,7 @@ class JobStore:
             OSError: the directory cannot be created.
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(self.state_dir)
         try:
             data = _read_json(self.history_path)
             if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
