@@ -91,6 +91,22 @@ def check_socket_path(path: Path) -> None:
         )
 
 
+def _check_directory(directory: Path) -> None:
+    """Refuse a socket directory where another user could replace our socket with theirs:
+    one writable by group or others, unless sticky (as /tmp: there only the owner of an
+    entry may rename or remove it).
+
+    Raises:
+        OSError: saying so.
+    """
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise OSError(
+            f"control socket directory {directory} is writable by group or others "
+            f"(mode {mode:04o}): another user could replace the socket"
+        )
+
+
 class ControlServer:
     """Serves the control socket on its own threads; a daemon Component (start/stop)."""
 
@@ -116,6 +132,7 @@ class ControlServer:
         check_socket_path(self.path)
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o700, parents=True)
+        _check_directory(self.path.parent)
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
