@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mps_daemon import MpsControlDaemon, MpsDaemonError, MpsSupervisor, checked_dirs, standin_argv
@@ -64,6 +65,14 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture
@@ -576,3 +585,45 @@ def test_stop_while_a_start_waits_for_an_answer_returns_promptly(mps_root: Path)
     assert took < 5, f"stop took {took:.1f}s"
     assert not _alive(pid)
     assert down == []
+
+
+def test_sigkill_of_gpushare_run_then_restart_leaves_one_daemon(
+    tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet, sim_node: Path, mps_root: Path
+) -> None:
+    """`gpushare run` is SIGKILLed: its control daemon (own session) survives it. The next
+    run stops that one before starting its own: one daemon answers, none is left behind."""
+    config = tmp_path / "config.yaml"
+    config.write_text(COMPAT_MPS.read_text())
+    argv = gpushare_argv("run", "--config", str(config), "--node", str(sim_node),
+                         "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root))
+    pid_file = Path(MpsPaths(str(mps_root)).pipe_dir("nvidia.com/gpu"),
+                    "nvidia-cuda-mps-control.pid")
+    runs: list[subprocess.Popen[str]] = []
+    pids: list[int] = []
+    try:
+        for _ in range(2):
+            runs.append(subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, text=True,
+                                         env=checkout_env()))
+            _wait(lambda: pid_file.exists() and pid_file.read_text().strip().isdigit()
+                  and int(pid_file.read_text()) not in pids, timeout_s=20)
+            pids.append(int(pid_file.read_text()))
+            if len(runs) == 1:
+                runs[0].kill()
+                runs[0].wait(timeout=10)
+                assert _running(pids[0]), "the control daemon outlives a SIGKILLed gpushare"
+        _wait(lambda: not _running(pids[0]))
+        assert _running(pids[1])
+        kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.healthy_ids) == 80, timeout_s=20)
+        runs[1].send_signal(signal.SIGTERM)
+        assert runs[1].wait(timeout=15) == 0
+        assert not _running(pids[1])
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=10)
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
