@@ -105,6 +105,22 @@ def _check_root(mps_root: str) -> None:
     if stat.S_IMODE(info.st_mode) & 0o022:
         raise OSError(f"mpsRoot {mps_root} is writable by group or others "
                       f"(mode {stat.S_IMODE(info.st_mode):04o})")
+    closed = _unsearchable(mps_root)
+    if closed is not None:
+        log.warning("mpsRoot %s: %s is not searchable by other users (mode %04o); the MPS "
+                    "server of a client that is not root runs as that user and cannot reach "
+                    "its pipe directory", mps_root, closed,
+                    stat.S_IMODE(os.stat(closed).st_mode))
+
+
+def _unsearchable(path: str) -> str | None:
+    """The first directory from / down to `path` that other users cannot search, or None."""
+    current = "/"
+    for part in [p for p in os.path.realpath(path).split("/") if p]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return current
+    return None
 
 
 def _make_dir(path: str, mode: int) -> None:

@@ -330,6 +330,24 @@ def test_mps_root_writable_by_others_is_refused(mps_root: Path) -> None:
     assert list(mps_root.iterdir()) == []
 
 
+def test_mps_root_other_users_cannot_search_is_named_in_a_warning(
+    mps_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MPS servers run as their client's user: a 0700 mpsRoot keeps a non-root client's server
+    from its pipe directory (it exits, the client fails). The start says which directory."""
+    mps_root.chmod(0o700)
+    daemon = MpsControlDaemon(_spec(str(mps_root)), control_binary=standin_argv(),
+                              mps_root=str(mps_root))
+    with caplog.at_level(logging.WARNING, logger="gpushare.mps"):
+        daemon.start()
+    daemon.stop()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mpsRoot {mps_root}: {mps_root} is not searchable by other users (mode 0700); the MPS "
+        "server of a client that is not root runs as that user and cannot reach its pipe "
+        "directory"
+    ]
+
+
 def test_plan_rejects_an_mps_resource_named_shm(inventory_of: Callable[..., Inventory]) -> None:
     """`shm` would put the pipe directory inside `<mpsRoot>/shm`, the clients' /dev/shm."""
     config = load_config("version: v1\nflags: {mpsRoot: /run/mps}\nsharing:\n  mps:\n"
