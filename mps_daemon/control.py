@@ -40,6 +40,8 @@ MAX_PID_FILE = 64  # bytes of a pid file worth reading
 MAX_ENVIRON = 1 << 20  # bytes of /proc/<pid>/environ read to identify a stale daemon
 OUTPUT_FILE = "control-daemon.out"  # the daemon's own stdout/stderr, in the log directory
 OUTPUT_TAIL = 4096  # bytes read from its end when a start fails
+MPS_LOGS = ("control.log", "server.log")  # written by MPS itself in the log directory
+MAX_MPS_LOG = 16 << 20  # bytes of one before it is moved aside at the next start
 # Directory modes. The pipe directory is mounted into client containers, whose processes may
 # run under any uid and must reach the pipes: readable and searchable, writable by root only.
 # The log directory is the daemon's alone. The shm directory becomes the clients' /dev/shm,
@@ -280,6 +282,7 @@ class MpsControlDaemon:
         self._quit_stale()
         if self._cancel is not None and self._cancel.is_set():
             raise MpsDaemonError("start abandoned: gpushare is stopping")
+        self._rotate_logs()
         self._spawn()
         try:
             self._wait_ready()
@@ -346,6 +349,21 @@ class MpsControlDaemon:
             ) from err
         log.info("%s: MPS control daemon started (pid %d) on GPUs %s", self.spec.resource,
                  self._process.pid, ",".join(self.spec.gpu_uuids))
+
+    def _rotate_logs(self) -> None:
+        """MPS appends to its logs and never trims them: before each start (no daemon writes
+        them then), one larger than MAX_MPS_LOG is moved to `<name>.1`, replacing the last."""
+        for name in MPS_LOGS:
+            path = os.path.join(self.spec.log_dir, name)
+            try:
+                if os.lstat(path).st_size > MAX_MPS_LOG:
+                    os.replace(path, f"{path}.1")
+                    log.info("%s: %s moved to %s.1 (larger than %d MiB)", self.spec.resource,
+                             path, name, MAX_MPS_LOG >> 20)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                log.warning("%s: cannot rotate %s: %s", self.spec.resource, path, err)
 
     def _wait_ready(self) -> None:
         """Wait for the pid file, then for an answer; fail early when the child exits."""

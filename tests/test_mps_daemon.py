@@ -645,3 +645,20 @@ def test_sigkill_of_gpushare_run_then_restart_leaves_one_daemon(
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
 
+
+
+def test_mps_logs_larger_than_the_limit_are_moved_aside_at_start(mps_root: Path) -> None:
+    """MPS never trims control.log or server.log: above 16 MiB each is moved to `.1` when its
+    daemon (re)starts; a small one is kept."""
+    spec = _spec(str(mps_root))
+    logs = Path(spec.log_dir)
+    logs.mkdir(parents=True)
+    (logs / "control.log").write_bytes(b"c" * (17 << 20))
+    (logs / "server.log").write_text("small\n")
+    daemon = MpsControlDaemon(spec, control_binary=standin_argv(), mps_root=str(mps_root))
+    daemon.start()
+    daemon.stop()
+    assert (logs / "control.log.1").stat().st_size == 17 << 20
+    assert (logs / "control.log").stat().st_size < 4096  # this run's lines only
+    assert (logs / "server.log").read_text() == "small\n"
+    assert not (logs / "server.log.1").exists()
