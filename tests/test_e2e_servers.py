@@ -239,3 +239,23 @@ def test_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path: Path) -> No
     with pytest.raises(OSError, match=r"path is \d+ bytes; unix socket paths are limited to 107"):
         server.start(ready_timeout_s=1.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_link_planted_at_the_socket_path_is_replaced_not_followed(
+    kubelet_dir: Path, tmp_path: Path
+) -> None:
+    """gpushare-gpu.sock is a link to another file: the server replaces the link; the file it
+    pointed to is neither removed nor bound over."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = kubelet_dir / "gpushare-gpu.sock"
+    path.symlink_to(victim)
+    server = create_server("nvidia.com/gpu", path, state=NodeState(), allocator=lambda _: None)
+    server.start()
+    try:
+        assert victim.read_text() == "keep me"
+        assert not path.is_symlink()
+        assert path.is_socket()
+    finally:
+        server.stop()
+    assert victim.read_text() == "keep me"

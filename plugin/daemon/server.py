@@ -260,7 +260,9 @@ class PluginServer:
         self, servicer: DevicePluginServicer, socket_path: Path, *, max_workers: int = 8
     ) -> None:
         self.servicer = servicer
-        self.socket_path = socket_path.resolve()
+        # The directory made absolute, the name kept: a link planted at the socket's own path
+        # is replaced, never followed (resolving it made start() unlink the link's target).
+        self.socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._lock = threading.Lock()
