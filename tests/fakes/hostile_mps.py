@@ -23,7 +23,7 @@ import time
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
 FLOOD_BYTES = 64 << 20
-BRIEF_S = 0.5
+BRIEF_S = 1.0
 
 
 def _silent_daemon(pipe_dir: str) -> int:
