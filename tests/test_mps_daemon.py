@@ -31,6 +31,7 @@ from sharing.plan import build_plan
 from sharing.plan_types import MpsSpec, Plan, ResourcePlan, ServeOptions
 from tests.checkout import checkout_env, gpushare_argv
 from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import short_dir
 from tests.test_metrics import samples, value, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -664,3 +665,45 @@ def test_mps_logs_larger_than_the_limit_are_moved_aside_at_start(mps_root: Path)
     assert (logs / "control.log").stat().st_size < 4096  # this run's lines only
     assert (logs / "server.log").read_text() == "small\n"
     assert not (logs / "server.log.1").exists()
+
+
+def test_gpushare_run_under_umask_0_creates_nothing_others_can_write(
+    tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet, sim_node: Path
+) -> None:
+    """Parents that mkdir(parents=True) creates get 0777 & ~umask: under an inherited umask 0
+    the missing parents of mpsRoot and of the state directory were world-writable, so another
+    user could swap the directories inside. `gpushare run` masks group and other write."""
+    config = tmp_path / "config.yaml"
+    config.write_text(COMPAT_MPS.read_text())
+    with short_dir("gs-um-") as base:
+        base.chmod(0o755)
+        mps_root = base / "a" / "mps"
+        state_dir = base / "b" / "state"
+        old = os.umask(0)
+        try:
+            process = subprocess.Popen(
+                gpushare_argv("run", "--config", str(config), "--node", str(sim_node),
+                              "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root),
+                              "--state-dir", str(state_dir), "--control-socket",
+                              str(base / "c" / "control.sock")),
+                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=checkout_env(),
+            )
+        finally:
+            os.umask(old)
+        try:
+            kubelet.wait_for_list("nvidia.com/gpu", lambda d: len(d.healthy_ids) == 80,
+                                  timeout_s=20)
+            modes = {str(p.relative_to(base)): stat.S_IMODE(p.stat().st_mode)
+                     for p in sorted(base.rglob("*")) if p.is_dir()}
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=15)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=10)
+    assert process.returncode == 0, output
+    writable = {path: f"{mode:04o}" for path, mode in modes.items()
+                if mode & 0o022 and path != "a/mps/shm"}
+    assert writable == {}, writable
+    assert modes["a/mps/shm"] == 0o1777
