@@ -297,9 +297,11 @@ def test_symlink_out_of_mps_root_is_refused(mps_root: Path, tmp_path: Path) -> N
 def _start_refused(mps_root: Path, message: str) -> None:
     daemon = MpsControlDaemon(_spec(str(mps_root)), control_binary=standin_argv(),
                               mps_root=str(mps_root))
-    with pytest.raises(MpsDaemonError, match=message):
-        daemon.start()
-    assert not daemon.running
+    try:
+        with pytest.raises(MpsDaemonError, match=message):
+            daemon.start()
+    finally:
+        daemon.stop()  # a start that wrongly succeeded leaves no daemon behind
 
 
 def test_link_planted_inside_mps_root_is_not_followed(mps_root: Path) -> None:
