@@ -89,11 +89,11 @@ def checked_dirs(spec: MpsSpec, mps_root: str) -> tuple[str, str, str]:
     return dirs
 
 
-def _check_root(mps_root: str) -> None:
+def _check_root(mps_root: str) -> str | None:
     """mpsRoot must be a directory only its owner (us or root) can change.
 
     Otherwise another user could swap a resource directory for a link between our checks
-    and the daemon's use of it.
+    and the daemon's use of it. Returns a warning when other users cannot search it.
 
     Raises:
         OSError: mpsRoot is owned by another user or writable by group or others.
@@ -108,11 +108,11 @@ def _check_root(mps_root: str) -> None:
         raise OSError(f"mpsRoot {mps_root} is writable by group or others "
                       f"(mode {stat.S_IMODE(info.st_mode):04o})")
     closed = _unsearchable(mps_root)
-    if closed is not None:
-        log.warning("mpsRoot %s: %s is not searchable by other users (mode %04o); the MPS "
-                    "server of a client that is not root runs as that user and cannot reach "
-                    "its pipe directory", mps_root, closed,
-                    stat.S_IMODE(os.stat(closed).st_mode))
+    if closed is None:
+        return None
+    return (f"mpsRoot {mps_root}: {closed} is not searchable by other users (mode "
+            f"{stat.S_IMODE(os.stat(closed).st_mode):04o}); the MPS server of a client that is "
+            "not root runs as that user and cannot reach its pipe directory")
 
 
 def _unsearchable(path: str) -> str | None:
@@ -220,6 +220,7 @@ class MpsControlDaemon:
         self._command_s = command_timeout_s
         self._stop_s = stop_timeout_s
         self._cancel = cancel  # set: a start in progress gives up at its next step
+        self._root_warned = False
         self._process: Process | None = None
         self._restore_modes: dict[int, ComputeMode] = {}
 
@@ -269,7 +270,10 @@ class MpsControlDaemon:
         """
         pipe, log_dir, shm = checked_dirs(self.spec, self.mps_root)
         try:
-            _check_root(self.mps_root)
+            warning = _check_root(self.mps_root)
+            if warning is not None and not self._root_warned:
+                log.warning("%s", warning)  # once per daemon, not at every restart
+                self._root_warned = True
             _make_dir(os.path.dirname(pipe), RESOURCE_DIR_MODE)
             _make_dir(pipe, PIPE_DIR_MODE)
             _make_dir(log_dir, LOG_DIR_MODE)

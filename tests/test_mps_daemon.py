@@ -343,6 +343,8 @@ def test_mps_root_other_users_cannot_search_is_named_in_a_warning(
                               mps_root=str(mps_root))
     with caplog.at_level(logging.WARNING, logger="gpushare.mps"):
         daemon.start()
+        daemon.stop()
+        daemon.start()  # a restart: said once already
     daemon.stop()
     assert [r.getMessage() for r in caplog.records] == [
         f"mpsRoot {mps_root}: {mps_root} is not searchable by other users (mode 0700); the MPS "
