@@ -94,6 +94,7 @@ class MpsSupervisor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._abandoned = False
         self._thread: threading.Thread | None = None
 
     # -- control (any thread) ------------------------------------------------------------------
@@ -104,11 +105,19 @@ class MpsSupervisor:
             self._pending = plan
         self._wake.set()
 
+    def abandon(self) -> None:
+        """A stop is coming: starts in progress, and those not begun, give up (safe from a
+        signal handler); stop() must follow."""
+        self._abandoned = True
+        self._stopping.set()
+        self._wake.set()
+
     def start(self) -> None:
         """Start the daemons of the pending Plan now, then watch them on our own thread."""
         if self._thread is not None:
             return
-        self._stopping.clear()
+        if not self._abandoned:
+            self._stopping.clear()
         self._take_pending()
         self._thread = threading.Thread(target=self._run, name="gpushare-mps", daemon=True)
         self._thread.start()

@@ -711,3 +711,54 @@ def test_gpushare_run_under_umask_0_creates_nothing_others_can_write(
                 if mode & 0o022 and path != "a/mps/shm"}
     assert writable == {}, writable
     assert modes["a/mps/shm"] == 0o1777
+
+
+THREE_MPS = """\
+version: v1
+sharing:
+  mps:
+    resources:
+      - {name: nvidia.com/gpu, rename: nvidia.com/mps-a, devices: [0, 1], replicas: 2}
+      - {name: nvidia.com/gpu, rename: nvidia.com/mps-b, devices: [2, 3], replicas: 2}
+      - {name: nvidia.com/gpu, rename: nvidia.com/mps-c, devices: [4, 5], replicas: 2}
+"""
+
+
+def test_sigterm_while_mps_daemons_hang_at_start_stops_promptly(
+    tmp_path: Path, kubelet_dir: Path, kubelet: FakeKubelet, sim_node: Path, mps_root: Path
+) -> None:
+    """Three MPS resources whose control daemons never answer: each start waits out its
+    ready and command timeouts (about 12 s), one after another. A SIGTERM meanwhile makes the
+    start in progress give up and the others not begin, so gpushare exits in seconds rather
+    than after all three (and a pod's grace period)."""
+    control = tmp_path / "silent-mps-control"
+    control.write_text(f"#!{sys.executable}\nimport runpy, sys\n"
+                       f"sys.argv = [{str(HOSTILE)!r}, 'silent', *sys.argv[1:]]\n"
+                       f"runpy.run_path({str(HOSTILE)!r}, run_name='__main__')\n")
+    control.chmod(0o755)
+    config = tmp_path / "config.yaml"
+    config.write_text(THREE_MPS)
+    process = subprocess.Popen(
+        gpushare_argv("run", "--config", str(config), "--node", str(sim_node),
+                      "--kubelet-dir", str(kubelet_dir), "--mps-root", str(mps_root),
+                      "--mps-control", str(control)),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=checkout_env(),
+    )
+    first = Path(MpsPaths(str(mps_root)).pipe_dir("nvidia.com/mps-a"),
+                 "nvidia-cuda-mps-control.pid")
+    try:
+        _wait(first.exists, timeout_s=20)
+        pid = int(first.read_text())
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        took = time.monotonic() - began
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 0, output
+    assert took < 15, f"gpushare took {took:.1f}s to stop:\n{output}"
+    assert not _running(pid)
+    assert "nvidia.com/mps-c: MPS control daemon started" not in output

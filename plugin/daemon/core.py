@@ -279,6 +279,8 @@ class Daemon:
         """Ask run_forever to stop (safe from signal handlers and other threads)."""
         self._stop_requested = True
         self._wake.set()
+        if self.mps_supervisor is not None:
+            self.mps_supervisor.abandon()  # MPS starts still in start() give up at once
 
     def request_reload(self) -> None:
         """Ask for a reload on the reload thread (safe from signal handlers and other threads).
