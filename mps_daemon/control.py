@@ -12,10 +12,15 @@ stop(): `quit`, wait, then SIGTERM / SIGKILL; compute modes we changed are resto
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import posixpath
+import signal
+import stat
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,12 +30,18 @@ from mps_daemon.runner import CommandRunner, Process, SubprocessRunner
 from sharing.devices import ComputeMode
 from sharing.errors import NvmlError, SharingError
 from sharing.mps import format_mem_limit
+from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.plan_types import MpsSpec
 
 log = logging.getLogger("gpushare.mps")
 
 PID_FILE = "nvidia-cuda-mps-control.pid"
+MAX_PID_FILE = 64  # bytes of a pid file worth reading
+MAX_ENVIRON = 1 << 20  # bytes of /proc/<pid>/environ read to identify a stale daemon
 OUTPUT_FILE = "control-daemon.out"  # the daemon's own stdout/stderr, in the log directory
+OUTPUT_TAIL = 4096  # bytes read from its end when a start fails
+MPS_LOGS = ("control.log", "server.log")  # written by MPS itself in the log directory
+MAX_MPS_LOG = 16 << 20  # bytes of one before it is moved aside at the next start
 # Directory modes. The pipe directory is mounted into client containers, whose processes may
 # run under any uid and must reach the pipes: readable and searchable, writable by root only.
 # The log directory is the daemon's alone. The shm directory becomes the clients' /dev/shm,
@@ -68,13 +79,110 @@ def checked_dirs(spec: MpsSpec, mps_root: str) -> tuple[str, str, str]:
                 f"MPS directory {path!r} of {spec.resource} resolves to {real!r}, "
                 f"outside mpsRoot {mps_root!r}"
             )
+    shm = os.path.realpath(spec.shm_dir)
+    for path in dirs[:2]:
+        if os.path.commonpath([shm, os.path.realpath(path)]) == shm:
+            raise MpsDaemonError(
+                f"MPS directory {path!r} of {spec.resource} is inside the shared memory "
+                f"directory {spec.shm_dir!r}, which every client can write"
+            )
     return dirs
 
 
+def _check_root(mps_root: str) -> str | None:
+    """mpsRoot must be a directory only its owner (us or root) can change.
+
+    Otherwise another user could swap a resource directory for a link between our checks
+    and the daemon's use of it. Returns a warning when other users cannot search it.
+
+    Raises:
+        OSError: mpsRoot is owned by another user or writable by group or others.
+    """
+    if not os.path.isdir(mps_root):
+        os.makedirs(mps_root, mode=RESOURCE_DIR_MODE, exist_ok=True)
+        os.chmod(mps_root, RESOURCE_DIR_MODE)  # ours: exactly 0755, whatever the umask
+    info = os.stat(mps_root)
+    if info.st_uid not in (0, os.geteuid()):
+        raise OSError(f"mpsRoot {mps_root} is owned by uid {info.st_uid}, not by root or us")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise OSError(f"mpsRoot {mps_root} is writable by group or others "
+                      f"(mode {stat.S_IMODE(info.st_mode):04o})")
+    closed = _unsearchable(mps_root)
+    if closed is None:
+        return None
+    return (f"mpsRoot {mps_root}: {closed} is not searchable by other users (mode "
+            f"{stat.S_IMODE(os.stat(closed).st_mode):04o}); the MPS server of a client that is "
+            "not root runs as that user and cannot reach its pipe directory")
+
+
+def _unsearchable(path: str) -> str | None:
+    """The first directory from / down to `path` that other users cannot search, or None."""
+    current = "/"
+    for part in [p for p in os.path.realpath(path).split("/") if p]:
+        current = os.path.join(current, part)
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            return current
+    return None
+
+
 def _make_dir(path: str, mode: int) -> None:
-    """Create `path` (and missing parents) and set its mode exactly, whatever the umask."""
+    """Create `path` (and missing parents) and set its mode exactly, whatever the umask.
+
+    The mode is set through a descriptor opened without following links, and only on a
+    directory we own: a link or another user's directory planted at `path` is refused, never
+    followed or adopted.
+
+    Raises:
+        OSError: `path` is a link, not a directory, or owned by another user.
+    """
     os.makedirs(path, mode=mode, exist_ok=True)
-    os.chmod(path, mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(f"{path} is a link or not a directory; refusing to use it") from None
+        raise
+    try:
+        owner = os.fstat(fd).st_uid
+        if owner != os.geteuid():
+            raise OSError(f"{path} is owned by uid {owner}, not by us; refusing to use it")
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _stale_daemon_pid(pid_file: Path, pipe_dir: str) -> int | None:
+    """The pid in `pid_file` when that process runs a control daemon of `pipe_dir`, else None."""
+    try:
+        text = read_regular_text(pid_file, MAX_PID_FILE, "pid file").strip()
+    except UnreadableFile:
+        return None
+    if not text.isdigit() or int(text) in (0, os.getpid()):
+        return None
+    pid = int(text)
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read(MAX_ENVIRON).split(b"\0")
+    except OSError:
+        return None
+    wanted = b"CUDA_MPS_PIPE_DIRECTORY=" + os.fsencode(pipe_dir)
+    return pid if wanted in environ else None
+
+
+def _gone(pid: int, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `pid` to exit (a zombie counts as gone); True when it did."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read(4096).rpartition(b")")[2].split()[:1]
+        except OSError:
+            return True
+        if state == [b"Z"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 class MpsControlDaemon:
@@ -93,6 +201,7 @@ class MpsControlDaemon:
         ready_timeout_s: float = 5.0,
         command_timeout_s: float = 5.0,
         stop_timeout_s: float = 2.0,
+        cancel: threading.Event | None = None,
     ) -> None:
         if compute_mode not in COMPUTE_MODE_POLICIES:
             raise ValueError(f"compute mode policy must be manage or leave, got {compute_mode!r}")
@@ -110,6 +219,8 @@ class MpsControlDaemon:
         self._ready_s = ready_timeout_s
         self._command_s = command_timeout_s
         self._stop_s = stop_timeout_s
+        self._cancel = cancel  # set: a start in progress gives up at its next step
+        self._root_warned = False
         self._process: Process | None = None
         self._restore_modes: dict[int, ComputeMode] = {}
 
@@ -159,6 +270,10 @@ class MpsControlDaemon:
         """
         pipe, log_dir, shm = checked_dirs(self.spec, self.mps_root)
         try:
+            warning = _check_root(self.mps_root)
+            if warning is not None and not self._root_warned:
+                log.warning("%s", warning)  # once per daemon, not at every restart
+                self._root_warned = True
             _make_dir(os.path.dirname(pipe), RESOURCE_DIR_MODE)
             _make_dir(pipe, PIPE_DIR_MODE)
             _make_dir(log_dir, LOG_DIR_MODE)
@@ -169,6 +284,9 @@ class MpsControlDaemon:
             ) from err
         self._exclusive_process()
         self._quit_stale()
+        if self._cancel is not None and self._cancel.is_set():
+            raise MpsDaemonError("start abandoned: gpushare is stopping")
+        self._rotate_logs()
         self._spawn()
         try:
             self._wait_ready()
@@ -236,12 +354,29 @@ class MpsControlDaemon:
         log.info("%s: MPS control daemon started (pid %d) on GPUs %s", self.spec.resource,
                  self._process.pid, ",".join(self.spec.gpu_uuids))
 
+    def _rotate_logs(self) -> None:
+        """MPS appends to its logs and never trims them: before each start (no daemon writes
+        them then), one larger than MAX_MPS_LOG is moved to `<name>.1`, replacing the last."""
+        for name in MPS_LOGS:
+            path = os.path.join(self.spec.log_dir, name)
+            try:
+                if os.lstat(path).st_size > MAX_MPS_LOG:
+                    os.replace(path, f"{path}.1")
+                    log.info("%s: %s moved to %s.1 (larger than %d MiB)", self.spec.resource,
+                             path, name, MAX_MPS_LOG >> 20)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                log.warning("%s: cannot rotate %s: %s", self.spec.resource, path, err)
+
     def _wait_ready(self) -> None:
         """Wait for the pid file, then for an answer; fail early when the child exits."""
         deadline = time.monotonic() + self._ready_s
         pid_file = Path(self.spec.pipe_dir) / PID_FILE
         last = "no pid file yet"
         while time.monotonic() < deadline:
+            if self._cancel is not None and self._cancel.is_set():
+                raise MpsDaemonError("start abandoned: gpushare is stopping")
             status = self.exit_status()
             if status is not None:
                 raise MpsDaemonError(f"control daemon exited with status {status} while "
@@ -256,21 +391,50 @@ class MpsControlDaemon:
         raise MpsDaemonError(f"control daemon did not answer within {self._ready_s}s: {last}")
 
     def _output_tail(self) -> str:
+        """The last lines of the daemon's output file (only its end is read, whatever its size)."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            text = (Path(self.spec.log_dir) / OUTPUT_FILE).read_text(errors="replace")
+            fd = os.open(Path(self.spec.log_dir) / OUTPUT_FILE, flags)
+            try:
+                size = os.fstat(fd).st_size
+                os.lseek(fd, max(0, size - OUTPUT_TAIL), os.SEEK_SET)
+                data = os.read(fd, OUTPUT_TAIL)
+            finally:
+                os.close(fd)
         except OSError:
             return "no output"
-        return text.strip()[-300:] or "no output"
+        return data.decode(errors="replace").strip()[-300:] or "no output"
 
     def _quit_stale(self) -> None:
-        """A pid file left by an earlier run: ask that daemon to quit before starting ours."""
-        if (Path(self.spec.pipe_dir) / PID_FILE).exists() and not self.running:
-            try:
-                self.command(["quit"])
-                log.info("%s: asked a control daemon left by an earlier run to quit",
-                         self.spec.resource)
-            except MpsDaemonError:
-                pass
+        """A pid file left by an earlier run (gpushare killed): ask that daemon to quit, and
+        make sure it is gone before ours starts on the same pipe directory.
+
+        The pid is signalled only when that process is a control daemon of this very pipe
+        directory (its CUDA_MPS_PIPE_DIRECTORY says so): a pid file naming a reused pid or
+        another program is never acted on.
+        """
+        pid_file = Path(self.spec.pipe_dir) / PID_FILE
+        if self.running or not pid_file.exists():
+            return
+        stale = _stale_daemon_pid(pid_file, self.spec.pipe_dir)
+        try:
+            self.command(["quit"])
+            log.info("%s: asked a control daemon left by an earlier run to quit",
+                     self.spec.resource)
+        except MpsDaemonError as err:
+            if stale is not None:
+                log.warning("%s: control daemon %d left by an earlier run did not take `quit` "
+                            "(%s)", self.spec.resource, stale, err)
+        if stale is None or _gone(stale, self._stop_s):
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            log.warning("%s: control daemon %d left by an earlier run still runs; sending %s",
+                        self.spec.resource, stale, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stale, sig)
+            if _gone(stale, self._stop_s):
+                return
+        raise MpsDaemonError(f"control daemon {stale} left by an earlier run survives SIGKILL")
 
     def stop_process(self) -> None:
         """Stop the child only (`quit`, then signals); compute modes stay, for a restart."""

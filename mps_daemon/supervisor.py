@@ -6,7 +6,8 @@ a changed default limit applies only to the next MPS server (facts §4), so a re
 honest way to apply it. Its own thread checks every `tick_s` that each child still runs and
 probes it every `probe_interval_s`; a daemon that exited or answers wrongly is reported
 `down(resource, reason)` and restarted with exponential backoff, then reported `up(resource)`
-once it answers again. Every transition is logged once, with the resource and the reason.
+once it answers again; the backoff starts over only after the daemon stayed up `stable_s`.
+Every transition is logged once, with the resource and the reason.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TICK_S = 0.1  # how often each child's liveness is checked (a cheap waitpid)
 PROBE_INTERVAL_S = 2.0  # how often each daemon is asked its thread percentage
 BACKOFF_S = 0.2  # first restart delay; doubles per consecutive failure
 MAX_BACKOFF_S = 30.0
+STABLE_S = 60.0  # a daemon up this long has its backoff reset; a flapping one keeps growing it
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Entry:
     failures: int = 0
     retry_at: float = 0.0
     probe_at: float = 0.0
+    stable_at: float = 0.0  # when a restarted daemon counts as stable (its backoff is reset)
 
 
 def _changed_fields(old: MpsSpec, new: MpsSpec) -> list[str]:
@@ -71,7 +74,9 @@ class MpsSupervisor:
         probe_interval_s: float = PROBE_INTERVAL_S,
         backoff_s: float = BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
+        stable_s: float = STABLE_S,
         restarted: Callable[[str], None] | None = None,
+        daemon_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._control = control_binary
         self._restarted = restarted
@@ -82,11 +87,14 @@ class MpsSupervisor:
         self._compute_mode = compute_mode
         self._tick_s, self._probe_s = tick_s, probe_interval_s
         self._backoff_s, self._max_backoff_s = backoff_s, max_backoff_s
+        self._stable_s = stable_s
+        self._timeouts = dict(daemon_timeouts or {})  # MpsControlDaemon's *_timeout_s
         self._entries: dict[str, _Entry] = {}
         self._pending: Plan | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._abandoned = False
         self._thread: threading.Thread | None = None
 
     # -- control (any thread) ------------------------------------------------------------------
@@ -97,11 +105,19 @@ class MpsSupervisor:
             self._pending = plan
         self._wake.set()
 
+    def abandon(self) -> None:
+        """A stop is coming: starts in progress, and those not begun, give up (safe from a
+        signal handler); stop() must follow."""
+        self._abandoned = True
+        self._stopping.set()
+        self._wake.set()
+
     def start(self) -> None:
         """Start the daemons of the pending Plan now, then watch them on our own thread."""
         if self._thread is not None:
             return
-        self._stopping.clear()
+        if not self._abandoned:
+            self._stopping.clear()
         self._take_pending()
         self._thread = threading.Thread(target=self._run, name="gpushare-mps", daemon=True)
         self._thread.start()
@@ -114,8 +130,16 @@ class MpsSupervisor:
             self._thread.join(timeout=30)
             self._thread = None
         entries, self._entries = list(self._entries.items()), {}
+        # The processes are stopped side by side: each may take its command and stop timeouts
+        # (a wedged daemon), and one after another they could outlast the pod's grace period.
+        stoppers = [threading.Thread(target=e.daemon.stop_process, name=f"gpushare-mps-stop-{n}",
+                                     daemon=True) for n, e in entries]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         for name, entry in entries:
-            entry.daemon.stop()
+            entry.daemon.stop()  # the process is gone; this restores the compute modes
             log.info("%s: MPS control daemon stopped", name)
 
     def daemon(self, resource: str) -> MpsControlDaemon | None:
@@ -180,7 +204,8 @@ class MpsSupervisor:
     def _new_daemon(self, spec: MpsSpec, root: str) -> MpsControlDaemon:
         return MpsControlDaemon(
             spec, control_binary=self._control, mps_root=root, nvml=self._nvml, env=self._env,
-            runner=self._runner, compute_mode=self._compute_mode,
+            runner=self._runner, compute_mode=self._compute_mode, cancel=self._stopping,
+            **self._timeouts,
         )
 
     def _check_all(self, now: float) -> None:
@@ -199,16 +224,23 @@ class MpsSupervisor:
                     entry.probe_at = now + self._probe_s
                 except MpsDaemonError as err:
                     self._failed(name, entry, f"probe failed: {err}", now)
+                    continue
+                if entry.failures and now >= entry.stable_at:
+                    entry.failures = 0  # up long enough: the next failure starts over
 
     def _try_start(self, name: str, entry: _Entry, now: float) -> None:
         try:
             entry.daemon.start()
         except MpsDaemonError as err:
+            if self._stopping.is_set():
+                return  # abandoned for the stop: not a failure to report
             self._failed(name, entry, str(err), now)
             return
         if entry.failures and self._restarted is not None:
             self._restarted(name)  # a start after it exited, failed its probe or its start
-        entry.failures, entry.probe_at = 0, now + self._probe_s
+        # The backoff is reset only once the daemon stays up (see _check_all): one that
+        # answers and dies again at once would otherwise be restarted every backoff_s forever.
+        entry.probe_at, entry.stable_at = now + self._probe_s, now + self._stable_s
         if entry.up is not True:
             entry.up, entry.reason = True, ""
             log.info("%s: MPS control daemon answers (pid %s); limits %s", name,

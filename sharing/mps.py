@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 MAX_CLIENTS = 48  # per GPU, compute capability 7.5 and newer
 MAX_CLIENTS_BEFORE_VOLTA_MPS = 16  # per GPU, below compute capability 7.5
+SHM_DIR_NAME = "shm"  # `<root>/shm`; no resource directory may take this name
 
 
 def active_thread_percentage(replicas: int) -> int:
@@ -64,4 +65,4 @@ class MpsPaths:
 
     def shm_dir(self) -> str:
         """The tmpfs shared as the clients' /dev/shm."""
-        return posixpath.join(self.root, "shm")
+        return posixpath.join(self.root, SHM_DIR_NAME)

@@ -11,6 +11,7 @@ from sharing.config_models import Config
 from sharing.devices import Inventory
 from sharing.errors import PlanError
 from sharing.labels import node_labels
+from sharing.mps import SHM_DIR_NAME
 from sharing.plan_types import Plan, ResourcePlan, ServeOptions
 from sharing.strategies.base import ResourceGroup
 from sharing.strategies.mig import physical_devices
@@ -58,6 +59,7 @@ def build_plan(inventory: Inventory, config: Config) -> Plan:
         key=lambda r: r.name,
     )
     _check_suffixes(resources)
+    _check_mps_dirs(resources)
     return Plan(
         resources=tuple(resources),
         options=options,
@@ -88,6 +90,22 @@ def _check_mps_flags(config: Config, options: ServeOptions) -> None:
         raise PlanError(
             f"sharing.mps: flags.mpsRoot must be an absolute path, got {options.mps_root!r}"
         )
+
+
+def _check_mps_dirs(resources: list[ResourcePlan]) -> None:
+    """An MPS resource named `shm` would put its pipe directory inside `<mpsRoot>/shm`, the
+    world-writable directory clients get as /dev/shm, where any client could plant it.
+
+    Raises:
+        PlanError: naming the resource and the directory it would share.
+    """
+    for res in resources:
+        if res.mps is not None and res.suffix == SHM_DIR_NAME:
+            raise PlanError(
+                f'MPS resource "{res.name}" would keep its pipe directory {res.mps.pipe_dir} '
+                f"inside the shared memory directory {res.mps.shm_dir}, which every client "
+                "can write; rename the resource"
+            )
 
 
 def check_message_budget(group: ResourceGroup) -> None:

@@ -38,8 +38,10 @@ def kubelet_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def mps_root() -> Iterator[Path]:
-    """A short, absolute mpsRoot under /tmp for MPS control daemons (the stand-in's sockets)."""
+    """A short, absolute mpsRoot under /tmp for MPS control daemons (the stand-in's sockets),
+    0755 as MPS servers of clients that are not root need it."""
     with short_dir("gs-mps-") as path:
+        path.chmod(0o755)
         yield path
 
 

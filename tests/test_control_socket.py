@@ -189,3 +189,21 @@ def test_parallel_requests(server: ControlServer) -> None:
     for t in threads:
         t.join(10)
     assert answers == {i: {"ok": True, "echo": i} for i in range(8)}
+
+
+def test_directory_others_can_replace_the_socket_in_is_refused(base: Path) -> None:
+    """A group- or world-writable directory without the sticky bit lets another user swap
+    the socket; refused. A sticky one (as /tmp) is fine."""
+    shared = base / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match=r"writable by group or others \(mode 0777\)"):
+        ControlServer(shared / "control.sock", {}).start()
+    assert list(shared.iterdir()) == []
+    shared.chmod(0o1777)
+    server = ControlServer(shared / "control.sock", {"echo": _echo})
+    server.start()
+    try:
+        assert _raw(shared / "control.sock", b'{"op": "echo"}\n')["ok"]
+    finally:
+        server.stop()

@@ -192,3 +192,70 @@ def test_unchanged_resource_keeps_its_snapshot_version(node: Node) -> None:
     assert node.state.snapshot("nvidia.com/gpu")[0] == gpu_version
     assert node.state.snapshot("example.com/vgpu")[0] > vgpu_version
     assert node.state.snapshot("example.com/missing") == (-1, None)
+
+
+def test_plugin_socket_never_exists_with_a_wider_mode(kubelet_dir: Path) -> None:
+    """Under umask 0 a socket bound in place was 0777 until chmod, so another local user
+    could connect meanwhile; it appears at its path already 0600. A thread watches the path
+    while the server starts and stops again and again."""
+    import os
+    import stat
+    import threading
+
+    path = kubelet_dir / "gpushare-gpu.sock"
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                seen.add(stat.S_IMODE(os.lstat(path).st_mode))
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    old = os.umask(0)
+    watcher.start()
+    try:
+        for _ in range(10):
+            server = create_server("nvidia.com/gpu", path, state=NodeState(),
+                                   allocator=lambda _: None)
+            server.start()
+            server.stop()
+    finally:
+        done.set()
+        watcher.join()
+        os.umask(old)
+    assert seen == {0o600}
+    assert sorted(p.name for p in kubelet_dir.iterdir()) == []
+
+
+def test_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path: Path) -> None:
+    """A path the kubelet could not dial (over 107 bytes) is refused, though the temporary
+    path it is bound at first is short enough (a long resource name in a long directory)."""
+    path = tmp_path / f"gpushare-{'x' * 50}.sock"
+    assert len(str(tmp_path)) + 13 <= 107 < len(str(path))
+    server = create_server("nvidia.com/gpu", path, state=NodeState(), allocator=lambda _: None)
+    with pytest.raises(OSError, match=r"path is \d+ bytes; unix socket paths are limited to 107"):
+        server.start(ready_timeout_s=1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_link_planted_at_the_socket_path_is_replaced_not_followed(
+    kubelet_dir: Path, tmp_path: Path
+) -> None:
+    """gpushare-gpu.sock is a link to another file: the server replaces the link; the file it
+    pointed to is neither removed nor bound over."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = kubelet_dir / "gpushare-gpu.sock"
+    path.symlink_to(victim)
+    server = create_server("nvidia.com/gpu", path, state=NodeState(), allocator=lambda _: None)
+    server.start()
+    try:
+        assert victim.read_text() == "keep me"
+        assert not path.is_symlink()
+        assert path.is_socket()
+    finally:
+        server.stop()
+    assert victim.read_text() == "keep me"

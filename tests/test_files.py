@@ -1,16 +1,21 @@
-"""sharing.nvml.files.write_atomic: one rename, its mode and mtime, nothing left on failure."""
+"""sharing.nvml.files: write_atomic (one rename, its mode and mtime, nothing left on failure)
+and the bounded, non-blocking readers of the files gpushare is given or keeps."""
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from sharing.errors import MigConfigError
+from plugin.daemon.mig_history import JobStore
+from sharing.errors import MigConfigError, MigJournalError
 from sharing.nvml.files import UnreadableFile, read_regular_text, write_atomic
 from sharing.nvml.mig_apply import load_mig_file
+from sharing.nvml.mig_journal import read_journal
 
 
 def test_replaces_the_file_with_mode_mtime_and_no_temporary(tmp_path: Path) -> None:
@@ -67,3 +72,66 @@ def test_a_mig_parted_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(MigConfigError, match=r"mig.yaml: not a regular file \(a FIFO\)$"):
         load_mig_file(fifo)
+
+
+def _returns_promptly(call: Callable[[], object], fifo: Path) -> object:
+    """The result (or exception) of `call`; fails when it blocks. A reader left waiting on the
+    FIFO is released by opening its other end."""
+    out: list[object] = []
+
+    def target() -> None:
+        try:
+            out.append(call())
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            out.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"reading {fifo.name} waited on the FIFO")
+    return out[0]
+
+
+def test_a_fifo_as_the_mig_journal_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The journal is read at every start and MIG apply: a FIFO there blocked them forever."""
+    fifo = tmp_path / "mig-journal.json"
+    os.mkfifo(fifo)
+    err = _returns_promptly(lambda: read_journal(fifo), fifo)
+    assert isinstance(err, MigJournalError)
+    assert "cannot read the MIG journal: not a regular file (a FIFO)" in str(err)
+
+
+def test_a_fifo_as_the_job_history_is_moved_aside_not_waited_on(tmp_path: Path) -> None:
+    """The job history is read before serving: a FIFO there blocked the start forever."""
+    fifo = tmp_path / "mig-jobs.json"
+    os.mkfifo(fifo)
+    store = JobStore(tmp_path)
+    assert _returns_promptly(store.open, fifo) is None
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "mig-jobs.json.corrupt").st_mode)
+    assert store.new_id() == 1
+
+
+def test_a_fifo_as_the_active_job_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "mig-job-active.json"
+    os.mkfifo(fifo)
+    err = _returns_promptly(JobStore(tmp_path).active, fifo)
+    assert isinstance(err, ValueError)
+    assert "unreadable (not a regular file (a FIFO))" in str(err)
+
+
+def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Whoever can write the state directory could plant a MIG journal the next start acts
+    on: such a directory is refused (the daemon stops, or disables MIG jobs for the default
+    path, saying why)."""
+    shared = tmp_path / "state"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match=r"writable by group or others \(mode 0777\)"):
+        JobStore(shared).open()
+    os.chown(shared, 65534, 65534)
+    shared.chmod(0o700)
+    with pytest.raises(OSError, match="owned by uid 65534, not by root or us"):
+        JobStore(shared).open()

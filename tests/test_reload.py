@@ -60,7 +60,8 @@ def test_more_replicas_reach_the_kubelet_on_the_open_stream_without_registering_
     daemon: Daemon, kubelet: FakeKubelet, config: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """replicas 4 -> 8: the open stream carries 64 devices (how soon is measured by `bench
-    --only reload`, not timed here); one registration only; the log line names the resource in its text and in its `resource` field."""
+    --only reload`, not timed here); one registration only; the log line names the resource in
+    its text and in its `resource` field."""
     caplog.set_level(logging.INFO, logger="gpushare.daemon")
     edited = time.monotonic()
     config.write_text(time_slicing(8))

@@ -217,6 +217,7 @@ def run_demo(
     """Run every step; 0 on success (or when the reader stopped reading), 1 when a step fails
     (the error is printed)."""
     workdir = Path(tempfile.mkdtemp(prefix="gpushare-demo-", dir="/tmp"))
+    workdir.chmod(0o755)  # holds the mpsRoot, which MPS servers of any user must search
     try:
         with narrated_logs(out):
             return _run(workdir, node, config, out)

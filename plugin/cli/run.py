@@ -164,6 +164,11 @@ def run_command(args: argparse.Namespace) -> int:
     from plugin.daemon.core import Daemon
     from sharing import nvml
 
+    # Never create anything group- or world-writable, whatever umask we inherit: parents that
+    # mkdir(parents=True) creates (of mpsRoot, the state, CDI and socket directories) get
+    # 0777 & ~umask, and under umask 0 anyone could swap what we put in them.
+    inherited = os.umask(0o022)
+    os.umask(inherited | 0o022)
     env = dict(os.environ)
     path = config_path(args.config, env)
     metrics = args.metrics_address

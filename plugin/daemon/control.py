@@ -91,6 +91,22 @@ def check_socket_path(path: Path) -> None:
         )
 
 
+def _check_directory(directory: Path) -> None:
+    """Refuse a socket directory where another user could replace our socket with theirs:
+    one writable by group or others, unless sticky (as /tmp: there only the owner of an
+    entry may rename or remove it).
+
+    Raises:
+        OSError: saying so.
+    """
+    mode = stat.S_IMODE(os.stat(directory).st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise OSError(
+            f"control socket directory {directory} is writable by group or others "
+            f"(mode {mode:04o}): another user could replace the socket"
+        )
+
+
 class ControlServer:
     """Serves the control socket on its own threads; a daemon Component (start/stop)."""
 
@@ -120,6 +136,7 @@ class ControlServer:
             except OSError as err:
                 raise OSError(f"control socket {self.path}: cannot create its directory:"
                               f" {err.strerror or err}") from None
+        _check_directory(self.path.parent)
         try:
             self._remove_stale()
         except OSError as err:

@@ -298,6 +298,8 @@ class Daemon:
         """Ask run_forever to stop (safe from signal handlers and other threads)."""
         self._stop_requested = True
         self._wake.set()
+        if self.mps_supervisor is not None:
+            self.mps_supervisor.abandon()  # MPS starts still in start() give up at once
 
     def request_reload(self) -> None:
         """Ask for a reload on the reload thread (safe from signal handlers and other threads).
@@ -480,12 +482,12 @@ class Daemon:
             self._servers.pop(name).stop()
             log.info("stopped serving %s", name, extra={"resource": name})
         self._allocators = build_allocators(plan.resources, plan.options)
-        self.state.set_plan(plan)
-        self.inventory = inventory
-        for name in diff.changed:
+        for name in diff.changed:  # said before the streams wake, so it precedes the new lists
             count = len(plan.resource(name).devices)  # type: ignore[union-attr]
             log.info("%s now has %d devices: new list sent to the kubelet", name, count,
                      extra={"resource": name})
+        self.state.set_plan(plan)
+        self.inventory = inventory
         if diff.options_changed and self._servers:
             log.info("serve options changed: %s", plan.options)
         for name in diff.added:

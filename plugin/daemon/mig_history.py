@@ -10,16 +10,18 @@ history file that cannot be read is moved aside (`.corrupt`) and a new one start
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from sharing.nvml.files import write_atomic
+from sharing.nvml.files import open_regular, write_atomic
 
 log = logging.getLogger("gpushare.mig.jobs")
 
@@ -113,7 +115,7 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 def _read_json(path: Path) -> Any:
     """Parsed JSON of a state file; ValueError when too big or not JSON, OSError when unreadable."""
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         raw = f.read(MAX_STATE_FILE_BYTES + 1)
     if len(raw) > MAX_STATE_FILE_BYTES:
         raise ValueError(f"larger than {MAX_STATE_FILE_BYTES} bytes")
@@ -121,6 +123,22 @@ def _read_json(path: Path) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not JSON ({err})") from None
+
+
+def _check_private(directory: Path) -> None:
+    """The state directory must be changeable by its owner (us or root) only: whoever can
+    write it can plant a journal that the next start acts on, reconfiguring the GPUs.
+
+    Raises:
+        OSError: owned by another user, or writable by group or others.
+    """
+    info = directory.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (0, os.geteuid()):
+        raise OSError(errno.EACCES, f"owned by uid {info.st_uid}, not by root or us")
+    if mode & 0o022:
+        raise OSError(errno.EACCES, f"writable by group or others (mode {mode:04o}); "
+                                    "the MIG journal there could be planted")
 
 
 class JobStore:
@@ -155,6 +173,7 @@ class JobStore:
             OSError: the directory cannot be created.
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(self.state_dir)
         try:
             data = _read_json(self.history_path)
             if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:

@@ -16,8 +16,10 @@ REFUSALS_LOGGED_PER_WINDOW per minute, the rest counted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +44,7 @@ log = logging.getLogger("gpushare.server")
 
 STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
 SOCKET_MODE = 0o600
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request naming 16,384 IDs of 55 characters is ~1 MB
 SERVICE = "v1beta1.DevicePlugin"
 
@@ -257,7 +260,9 @@ class PluginServer:
         self, servicer: DevicePluginServicer, socket_path: Path, *, max_workers: int = 8
     ) -> None:
         self.servicer = servicer
-        self.socket_path = socket_path.resolve()
+        # The directory made absolute, the name kept: a link planted at the socket's own path
+        # is replaced, never followed (resolving it made start() unlink the link's target).
+        self.socket_path = Path(socket_path).parent.resolve() / Path(socket_path).name
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._lock = threading.Lock()
@@ -292,16 +297,43 @@ class PluginServer:
                 options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
             )
             server.add_generic_rpc_handlers((device_plugin_handler(self.servicer),))
+            self._bind_private(server)
+            server.start()
+            self._server = server
+        wait_until_serving(self.socket_path, ready_timeout_s)
+
+    def _bind_private(self, server: grpc.Server) -> None:
+        """Bind in a fresh 0700 directory, make the socket 0600, then rename it into place.
+
+        So the socket never exists at its path with a wider mode, whatever the umask (bound in
+        place it was 0777 under umask 0 until the chmod, and any local user could connect).
+        """
+        size = len(os.fsencode(self.socket_path))
+        if size > MAX_SOCKET_PATH:  # the short temporary path would bind; nobody could dial it
+            raise OSError(f"cannot bind {self.socket_path}: the path is {size} bytes; unix "
+                          f"socket paths are limited to {MAX_SOCKET_PATH}")
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".p", dir=self.socket_path.parent))
+        except OSError as err:
+            raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
+        temporary = private / "s"
+        try:
             try:
-                bound = server.add_insecure_port(f"unix://{self.socket_path}")
+                bound = server.add_insecure_port(f"unix://{temporary}")
             except RuntimeError as err:
                 raise OSError(f"cannot bind {self.socket_path}: {err}") from err
             if bound == 0:
                 raise OSError(f"cannot bind {self.socket_path}")
-            server.start()
-            self._server = server
-        os.chmod(self.socket_path, SOCKET_MODE)
-        wait_until_serving(self.socket_path, ready_timeout_s)
+            os.chmod(temporary, SOCKET_MODE)
+            os.rename(temporary, self.socket_path)
+        except OSError as err:
+            if not str(err).startswith("cannot bind"):
+                raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            os.rmdir(private)
 
     def stop(self, grace_s: float = 0.2) -> None:
         """Stop serving and remove the socket; safe to call twice."""
@@ -310,8 +342,8 @@ class PluginServer:
         if server is None:
             return
         self.servicer.close()
-        # gRPC unlinks the socket path when the listener shuts down; wait for that to finish
-        # so a server started next on the same path keeps its socket.
+        # Wait for the listener to shut down before removing our socket (gRPC unlinks the
+        # path it bound, the temporary one, which is gone already).
         server.stop(grace_s).wait(grace_s + 2.0)
         self.socket_path.unlink(missing_ok=True)
 

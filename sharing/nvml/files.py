@@ -4,6 +4,9 @@
 opening never blocks (a FIFO is refused, not waited on), only regular files are read, and at
 most `limit` + 1 bytes whatever the path names (a link to /dev/zero is refused too).
 
+`open_regular`: a state file gpushare keeps, opened the same non-blocking way (regular files
+only); the caller bounds what it reads.
+
 `write_atomic`: whole-file replacement; a reader sees the old file or the new one, never part
 of either.
 
@@ -16,10 +19,12 @@ leaves the old file in place and no temporary behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -64,6 +69,26 @@ def read_regular_text(path: str | Path, limit: int, what: str) -> str:
         raise UnreadableFile(
             f"not a text file (not UTF-8 at byte {err.start:,}: {err.reason})"
         ) from None
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a state file gpushare keeps for binary reading, without ever blocking: a FIFO or
+    device planted at its path is refused (opening a FIFO waited for a writer forever).
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        OSError: unreadable, or not a regular file (`strerror` says which kind it is).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "unknown type")
+            raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:

@@ -36,7 +36,7 @@ from typing import Any
 from sharing.errors import MigApplyRefused, MigJournalError
 from sharing.mig.diff import Step
 from sharing.mig.layout import LayoutRequest
-from sharing.nvml.files import write_atomic
+from sharing.nvml.files import open_regular, write_atomic
 
 KIND = "gpushare-mig-journal"
 VERSION = 1
@@ -83,7 +83,7 @@ def read_journal(path: Path, node: tuple[str, ...] | None = None) -> JournalReco
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             data = handle.read(MAX_JOURNAL_BYTES + 1)
     except FileNotFoundError:
         return None
@@ -152,7 +152,7 @@ def journal_lock(path: Path) -> Iterator[None]:
     lock = Path(path).with_name(Path(path).name + ".lock")
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as err:
         raise MigJournalError(f"{lock}: cannot open the MIG journal lock: {err.strerror}") from err
     try:
