@@ -7,12 +7,14 @@ import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from plugin.daemon.control import (
+    MAX_CONNECTIONS,
     MAX_REQUEST_BYTES,
     ControlError,
     ControlServer,
@@ -96,6 +98,10 @@ def test_exchange_with_progress_events(server: ControlServer) -> None:
         pytest.param(b'{"value": 1}\n', "bad request: unknown op null; known: crash, echo, "
                      "refuse", id="no op"),
         pytest.param(b'{"op": "echo"', "no complete request line in time", id="no newline"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                     "bad request: JSON nested too deeply", id="nested 100,000 deep"),
+        pytest.param(b'{"op": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_001 + b"\n",
+                     "bad request: JSON nested too deeply", id="nested object"),
         pytest.param(b'{"op": "refuse"}\n', "refused: no such config", id="handler refuses"),
         pytest.param(b'{"op": "crash"}\n', "internal error while handling crash: handler bug",
                      id="handler fails"),
@@ -207,3 +213,86 @@ def test_directory_others_can_replace_the_socket_in_is_refused(base: Path) -> No
         assert _raw(shared / "control.sock", b'{"op": "echo"}\n')["ok"]
     finally:
         server.stop()
+
+
+class Trickle:
+    """A client that sends one byte every `every_s` and never a newline, until it is answered
+    or `give_up_s` passes; `answered_after` is when the answer came (None: never)."""
+
+    def __init__(self, path: Path, every_s: float = 0.1, give_up_s: float = 6.0) -> None:
+        self.answer: dict | None = None
+        self.answered_after: float | None = None
+        self._path, self._every_s, self._give_up_s = path, every_s, give_up_s
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        began = time.monotonic()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(self._path))
+            sock.settimeout(self._every_s)
+            data = b""
+            while time.monotonic() - began < self._give_up_s:
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    pass  # the server gave up on us and closed; its answer may be waiting
+                try:
+                    data += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if data.endswith(b"\n"):
+                    self.answered_after = time.monotonic() - began
+                    self.answer = json.loads(data)
+                    return
+
+
+def test_a_client_trickling_bytes_is_cut_off_at_the_request_timeout(
+    server: ControlServer,
+) -> None:
+    """A byte every 0.1 s never completes a line: the 0.5 s timeout counts from the first
+    byte, not from the last one, so the client is answered and dropped after about 0.5 s."""
+    client = Trickle(server.path)
+    client.thread.join(10)
+    assert client.answer == {"ok": False, "error": "no complete request line in time"}
+    assert client.answered_after is not None
+    assert client.answered_after < 3.0
+
+
+def test_trickling_clients_in_every_slot_do_not_lock_out_the_others(
+    server: ControlServer,
+) -> None:
+    """MAX_CONNECTIONS clients trickling bytes hold every slot only until their timeout: a
+    request a moment later is served, not refused as busy."""
+    clients = [Trickle(server.path) for _ in range(MAX_CONNECTIONS)]
+    time.sleep(0.3)
+    deadline = time.monotonic() + 3.0
+    answer = call(server.path, {"op": "echo", "value": "after"})
+    while answer.get("ok") is not True and time.monotonic() < deadline:
+        time.sleep(0.1)
+        answer = call(server.path, {"op": "echo", "value": "after"})
+    assert answer == {"ok": True, "echo": "after"}
+    for client in clients:
+        client.thread.join(10)
+        assert client.answer == {"ok": False, "error": "no complete request line in time"}
+
+
+def test_a_client_refused_as_busy_reads_why_even_with_a_large_request(base: Path) -> None:
+    """With every slot taken, the daemon answers `busy` and closes at once; a client still
+    sending a large request (a mig-parted file) reports that answer, not a broken pipe."""
+    srv = ControlServer(base / "control.sock", {"echo": _echo}, request_timeout_s=5.0)
+    srv.start()
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in idle:
+            sock.connect(str(srv.path))
+        time.sleep(0.3)  # every slot is taken by a connection that sends nothing
+        answer = call(srv.path, {"op": "echo", "value": "x" * (1 << 20)})
+        assert answer == {"ok": False,
+                          "error": f"busy: {MAX_CONNECTIONS} requests are in progress"}
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.stop()

@@ -7,10 +7,11 @@ A unix stream socket (mode 0600, so only the daemon's user connects; its directo
     daemon -> {"event": ...}\\n   (zero or more progress lines, e.g. while a job runs)
     daemon -> {"ok": true, ...}\\n  or  {"ok": false, "error": "<one line>"}\\n
 
-Every read is bounded: a request line of at most MAX_REQUEST_BYTES, read within
-REQUEST_TIMEOUT_S, at most MAX_CONNECTIONS exchanges at once. A bad request (not JSON, too big,
-unknown op, a handler's ControlError) gets `ok: false` with a clear message; a handler that
-fails unexpectedly is logged and answered the same way. The daemon stays up either way.
+Every read is bounded: a request line of at most MAX_REQUEST_BYTES, read whole within
+REQUEST_TIMEOUT_S (a client trickling bytes is cut off then), at most MAX_CONNECTIONS exchanges
+at once. A bad request (not JSON, nested too deeply, too big, unknown op, a handler's
+ControlError) gets `ok: false` with a clear message; a handler that fails unexpectedly is
+logged and answered the same way. The daemon stays up either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,22 +56,32 @@ def _encode(message: Mapping[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def _read_line(sock: socket.socket, limit: int) -> bytes:
-    """Bytes up to the first newline (excluded); ControlError past `limit` or at EOF first."""
-    chunks: list[bytes] = []
-    size = 0
+def _read_line(sock: socket.socket, limit: int, timeout_s: float) -> bytes:
+    """Bytes up to the first newline (excluded), all within `timeout_s` together.
+
+    A client that trickles bytes (one a second, say) cannot hold its slot longer than
+    `timeout_s`: the deadline covers the whole line, not each read.
+
+    Raises:
+        ControlError: past `limit` bytes, or the connection closed before the newline.
+        TimeoutError: no complete line within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    line = bytearray()
     while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no complete line in time")
+        sock.settimeout(left)
         chunk = sock.recv(65536)
         if not chunk:
             raise ControlError("connection closed before a full line arrived")
         end = chunk.find(b"\n")
-        part = chunk if end < 0 else chunk[:end]
-        size += len(part)
-        if size > limit:
+        line += chunk if end < 0 else chunk[:end]
+        if len(line) > limit:
             raise ControlError(f"message longer than {limit} bytes")
-        chunks.append(part)
         if end >= 0:
-            return b"".join(chunks)
+            return bytes(line)
 
 
 def _decode(line: bytes) -> Message:
@@ -77,6 +89,8 @@ def _decode(line: bytes) -> Message:
         message = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ControlError(f"not a JSON line: {err}") from None
+    except RecursionError:
+        raise ControlError("JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ControlError(f"a message must be a JSON object, got {type(message).__name__}")
     return message
@@ -242,9 +256,8 @@ class ControlServer:
         """One exchange: read the request, run its handler, send events and the answer."""
         try:
             with conn:
-                conn.settimeout(self._timeout_s)
                 try:
-                    request = _decode(_read_line(conn, MAX_REQUEST_BYTES))
+                    request = _decode(_read_line(conn, MAX_REQUEST_BYTES, self._timeout_s))
                 except TimeoutError:
                     answer: Message = {"ok": False, "error": "no complete request line in time"}
                 except ControlError as err:
@@ -252,7 +265,9 @@ class ControlServer:
                 else:
                     # A job the client waits for answers when it ends; each line sent keeps the
                     # timeout, so a client that stops reading cannot hold the handler forever.
+                    conn.settimeout(self._timeout_s)
                     answer = self._dispatch(request, lambda event: conn.sendall(_encode(event)))
+                conn.settimeout(self._timeout_s)
                 conn.sendall(_encode(answer))
         except OSError as err:
             log.debug("control client went away: %s", err)
@@ -304,7 +319,10 @@ def call(
                 "`gpushare run` running with this --control-socket, and are you its user?)"
             ) from None
         try:
-            sock.sendall(_encode(request))
+            try:
+                sock.sendall(_encode(request))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused (busy) and closed before we finished: its answer is waiting
             stream = sock.makefile("rb")
             while True:
                 line = stream.readline(MAX_RESPONSE_BYTES + 1)
