@@ -5,17 +5,25 @@ put a seconds field first (as Quartz and robfig/cron do), for schedules and demo
 within a minute. Day-of-week numbers mean what they mean in crontab (0 and 7 are Sunday, 1 is
 Monday): APScheduler 3 counts 0 as Monday, so the field is rewritten as day names before
 APScheduler sees it. Names (`mon-fri`), ranges, lists and steps are accepted. Pure.
+
+An expression that never fires (`0 0 31 2 *`: no February 31st) is an error: APScheduler would
+look for its next time up to the year 9999, a fraction of a second each time it is asked, which
+held up the daemon's start and every `gpushare mig status`.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import tzinfo
+from datetime import datetime, timezone, tzinfo
 
 from apscheduler.triggers.cron import CronTrigger
 
 MAX_EXPRESSION = 200  # characters; longer is an error, not a slow parse
 DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# Whether a date matches depends only on its year's type (leap or not, the weekday of January 1st),
+# and the 28 years from 2001 hold all 14 types: an expression that fires at all fires in them.
+_CYCLE_START = datetime(2001, 1, 1, tzinfo=timezone.utc)
+_CYCLE_END = datetime(2029, 1, 1, tzinfo=timezone.utc)
 _DOW_ITEM = re.compile(r"(?P<range>\*|[0-7a-z]+(?:-[0-7a-z]+)?)(?:/(?P<step>\d+))?")
 
 
@@ -84,14 +92,17 @@ def cron_trigger(expression: str, timezone: tzinfo | str | None = None) -> CronT
     seconds = fields.pop(0) if len(fields) == 6 else "0"
     try:
         fields[4] = _day_of_week_field(fields[4])
-        trigger = CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
-        if seconds != "0":
-            trigger = CronTrigger(
-                second=seconds, minute=fields[0], hour=fields[1], day=fields[2],
-                month=fields[3], day_of_week=fields[4], timezone=trigger.timezone,
-            )
+        when = dict(zip(("minute", "hour", "day", "month", "day_of_week"), fields, strict=True))
+        trigger = CronTrigger(second=seconds, **when, timezone=timezone)
+        probe = CronTrigger(second=seconds, **when, timezone=_CYCLE_START.tzinfo,
+                            start_date=_CYCLE_START, end_date=_CYCLE_END)
     except ValueError as err:
         raise ValueError(f'"{expression}" is not a valid cron expression: {err}') from err
+    if probe.get_next_fire_time(None, _CYCLE_START) is None:
+        raise ValueError(
+            f'"{expression}" never fires: no date has that day of month in that month'
+            " (and day of week)"
+        )
     return trigger
 
 

@@ -32,6 +32,10 @@ def _next(expression: str, after: datetime = MONDAY_NOON) -> datetime:
         pytest.param("*/15 * * * *", datetime(2024, 6, 3, 12, 15), id="every 15 minutes"),
         pytest.param("30 1 12 * * *", datetime(2024, 6, 3, 12, 1, 30), id="seconds field first"),
         pytest.param("*/5 * * * * *", datetime(2024, 6, 3, 12, 0, 5), id="every 5 seconds"),
+        pytest.param("0 0 29 2 *", datetime(2028, 2, 29, 0, 0), id="February 29th"),
+        pytest.param("0 0 29 2 1", datetime(2044, 2, 29, 0, 0), id="February 29th, a Monday"),
+        pytest.param("0 0 31 2,3 *", datetime(2025, 3, 31, 0, 0), id="31st of February or March"),
+        pytest.param("0 0 last 2 *", datetime(2025, 2, 28, 0, 0), id="last day of February"),
     ],
 )
 def test_next_fire_time(expression: str, expected: datetime) -> None:
@@ -51,6 +55,10 @@ def test_next_fire_time(expression: str, expected: datetime) -> None:
         pytest.param("0 3 * * funday", '"funday" is not a number 0-7', id="unknown day name"),
         pytest.param("0 3 32 * *", "higher than the maximum value (31)", id="day of month"),
         pytest.param("x" * 300, "at most 200 characters", id="too long"),
+        pytest.param("0 0 31 2 *", '"0 0 31 2 *" never fires', id="February 31st"),
+        pytest.param("0 0 30 2 *", "never fires", id="February 30th"),
+        pytest.param("0 0 31 4,6,9,11 *", "never fires", id="31st of 30-day months"),
+        pytest.param("0 0 0 31 2 *", "never fires", id="six fields, February 31st"),
     ],
 )
 def test_invalid_expressions(expression: str, message: str) -> None:

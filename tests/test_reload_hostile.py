@@ -47,6 +47,14 @@ def alias_bomb() -> str:
     return "version: v1\nflags:\n  migStrategy:\n" + "".join(f"    {line}\n" for line in lines)
 
 
+def never_firing_schedule(entries: int = 256) -> str:
+    """The good config plus a MIG schedule whose entries never fire (no April 31st)."""
+    schedule = "".join(f'    - cron: "0 0 31 4,6,9,11 *"\n      config: c{i}\n'
+                       for i in range(entries))
+    return (time_slicing(4) + "migReconfiguration:\n  configFile: /nonexistent/mig.yaml\n"
+            "  schedule:\n" + schedule)
+
+
 def replace_with(path: Path, make: Callable[[Path], object]) -> None:
     """Put something new at `path` in one rename, as a ConfigMap update does."""
     staged = path.with_name(f".staged-{path.name}")
@@ -84,6 +92,9 @@ HOSTILE = [
                  id="duplicate key"),
     pytest.param(text(bytes(range(256)) * 4), "not a text file", id="binary"),
     pytest.param(text(""), "the file is empty", id="empty file"),
+    pytest.param(text(never_firing_schedule()),
+                 'migReconfiguration.schedule[0].cron: "0 0 31 4,6,9,11 *" never fires',
+                 id="256 schedule entries never firing"),
 ]
 
 
