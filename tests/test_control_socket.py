@@ -21,7 +21,7 @@ from plugin.daemon.control import (
     ControlUnavailable,
     call,
 )
-from tests.fakes.sockets import short_dir
+from tests.fakes.sockets import Trickle, short_dir
 
 
 def _echo(request: dict, emit) -> dict:
@@ -213,40 +213,6 @@ def test_directory_others_can_replace_the_socket_in_is_refused(base: Path) -> No
         assert _raw(shared / "control.sock", b'{"op": "echo"}\n')["ok"]
     finally:
         server.stop()
-
-
-class Trickle:
-    """A client that sends one byte every `every_s` and never a newline, until it is answered
-    or `give_up_s` passes; `answered_after` is when the answer came (None: never)."""
-
-    def __init__(self, path: Path, every_s: float = 0.1, give_up_s: float = 6.0) -> None:
-        self.answer: dict | None = None
-        self.answered_after: float | None = None
-        self._path, self._every_s, self._give_up_s = path, every_s, give_up_s
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        began = time.monotonic()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(self._path))
-            sock.settimeout(self._every_s)
-            data = b""
-            while time.monotonic() - began < self._give_up_s:
-                try:
-                    sock.sendall(b" ")
-                except OSError:
-                    pass  # the server gave up on us and closed; its answer may be waiting
-                try:
-                    data += sock.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if data.endswith(b"\n"):
-                    self.answered_after = time.monotonic() - began
-                    self.answer = json.loads(data)
-                    return
 
 
 def test_a_client_trickling_bytes_is_cut_off_at_the_request_timeout(

@@ -1,0 +1,153 @@
+"""Hostile inputs against a live `gpushare run` process (simulated DGX A100, kubelet stand-in):
+control socket clients that trickle bytes or nest JSON, and a log written beside the config.
+
+Each leaves the daemon serving, answering other control clients, and stopping on SIGTERM in
+time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plugin.daemon.control import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
+from tests.fakes.kubelet import FakeKubelet
+from tests.fakes.sockets import Trickle, short_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOURCE = "nvidia.com/gpu"
+CONFIG = ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
+          f"      - name: {RESOURCE}\n        replicas: 4\n")
+SIGTERM_LIMIT_S = 2.0
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+class Daemon:
+    """`gpushare run` with its control socket in a short directory; output to `log`."""
+
+    def __init__(self, base: Path, kubelet_dir: Path, log: Path) -> None:
+        from sharing.nvml.sim import create_state
+
+        self.config = base / "config.yaml"
+        self.config.write_text(CONFIG)
+        self.socket = base / "control.sock"
+        self.log = log
+        node = create_state("dgx-a100", base / "node")
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "plugin.cli", "run", "--node", str(node),
+                 "--config", str(self.config), "--kubelet-dir", str(kubelet_dir),
+                 "--control-socket", str(self.socket), "--state-dir", str(base / "state")],
+                cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def status(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "plugin.cli", "mig", "status", "--control-socket",
+             str(self.socket), "--format", "json"],
+            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60,
+        )
+
+    def terminate(self) -> float:
+        """SIGTERM; seconds until the process ended."""
+        sent = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        return time.monotonic() - sent
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    with short_dir("gs-hi-") as path:
+        yield path
+
+
+def start(base: Path, kubelet_dir: Path, kubelet: FakeKubelet, log: Path) -> Daemon:
+    daemon = Daemon(base, kubelet_dir, log)
+    kubelet.wait_for_list(RESOURCE, lambda d: len(d.devices) == 32, 30.0)
+    deadline = time.monotonic() + 10
+    while not daemon.socket.exists():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    return daemon
+
+
+def test_control_clients_that_trickle_or_nest_leave_the_daemon_serving_and_stopping(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet
+) -> None:
+    """A request nested 100,000 deep gets a one-line error; clients trickling a byte at a time
+    in every slot are cut off at the request timeout, so `gpushare mig status` is answered;
+    SIGTERM with such clients connected ends the process within 2 s."""
+    daemon = start(base, kubelet_dir, kubelet, base / "daemon.log")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(daemon.socket))
+            sock.sendall(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+            answer = json.loads(sock.makefile("rb").readline())
+        assert answer == {"ok": False, "error": "bad request: JSON nested too deeply"}
+
+        give_up_s = REQUEST_TIMEOUT_S + 10
+        trickling = [Trickle(daemon.socket, every_s=0.5, give_up_s=give_up_s)
+                     for _ in range(MAX_CONNECTIONS)]
+        time.sleep(0.5)
+        began = time.monotonic()
+        done = daemon.status()
+        while done.returncode != 0 and "busy" in done.stderr:
+            assert time.monotonic() - began < give_up_s, done.stderr
+            time.sleep(0.5)
+            done = daemon.status()
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["jobs"] == []
+        for client in trickling:
+            client.thread.join(give_up_s + 5)
+            assert client.answer == {"ok": False, "error": "no complete request line in time"}
+
+        response = kubelet.allocate(RESOURCE, 1)
+        assert response is not None
+        trickling = [Trickle(daemon.socket, every_s=0.2, give_up_s=30)
+                     for _ in range(MAX_CONNECTIONS)]
+        time.sleep(0.5)
+        took = daemon.terminate()
+        assert took < SIGTERM_LIMIT_S, f"SIGTERM took {took:.2f}s"
+        assert daemon.process.returncode == 0
+    finally:
+        if daemon.process.poll() is None:
+            daemon.terminate()
+    log = daemon.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_log_written_beside_the_config_file_does_not_feed_itself(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet
+) -> None:
+    """The daemon's output in the config file's directory: each line written there is a change
+    the config watch sees, and must not log a line of its own (it grew forever, 10 a second)."""
+    log = base / "daemon.log"  # beside base/config.yaml
+    daemon = start(base, kubelet_dir, kubelet, log)
+    try:
+        time.sleep(1.5)
+        size = log.stat().st_size
+        time.sleep(2.0)
+        grown = log.read_text()[size:]
+        assert grown == "", f"the log grew by {len(grown)} bytes while idle:\n{grown[-1000:]}"
+    finally:
+        daemon.terminate()
+    assert "change detected" not in log.read_text()
