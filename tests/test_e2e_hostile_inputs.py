@@ -81,11 +81,16 @@ def base() -> Iterator[Path]:
 
 def start(base: Path, kubelet_dir: Path, kubelet: FakeKubelet, log: Path) -> Daemon:
     daemon = Daemon(base, kubelet_dir, log)
-    kubelet.wait_for_list(RESOURCE, lambda d: len(d.devices) == 32, 30.0)
-    deadline = time.monotonic() + 10
-    while not daemon.socket.exists():
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.05)
+    try:
+        kubelet.wait_for_list(RESOURCE, lambda d: len(d.devices) == 32, 30.0)
+        deadline = time.monotonic() + 10
+        while not daemon.socket.exists():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+    except BaseException:
+        daemon.process.kill()
+        daemon.process.wait()
+        raise
     return daemon
 
 
@@ -151,3 +156,45 @@ def test_a_log_written_beside_the_config_file_does_not_feed_itself(
     finally:
         daemon.terminate()
     assert "change detected" not in log.read_text()
+
+
+def nested(path: Path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        pytest.param({"mig-jobs.json": nested, "mig-job-active.json": nested},
+                     ["MIG job history {state}/mig-jobs.json unreadable (not JSON (nested too "
+                      "deeply)); moved to mig-jobs.json.corrupt",
+                      "unfinished MIG job unreadable: {state}/mig-job-active.json: not JSON "
+                      "(nested too deeply); left in place"],
+                     id="history and active job nested"),
+        pytest.param({"mig-journal.json": nested},
+                     ["{state}/mig-journal.json: corrupt MIG journal (nested too deeply)"],
+                     id="journal nested"),
+    ],
+)
+def test_state_files_nested_too_deeply_are_reported_and_the_daemon_serves(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet, files: dict, expected: list[str]
+) -> None:
+    """JSON nested 100,000 deep in a state file stopped the start with a RecursionError
+    traceback: now each is one error line naming the file, handled as the corrupt file it is,
+    and the daemon serves and stops on SIGTERM."""
+    state = base / "state"
+    state.mkdir(mode=0o700)
+    for name, make in files.items():
+        make(state / name)
+    daemon = start(base, kubelet_dir, kubelet, base / "daemon.log")
+    try:
+        took = daemon.terminate()
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+    log = daemon.log.read_text()
+    for line in expected:
+        assert line.format(state=state) in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert took < SIGTERM_LIMIT_S, f"SIGTERM took {took:.2f}s"
+    assert daemon.process.returncode == 0

@@ -337,6 +337,8 @@ def test_gpu_instance_without_compute_instance_is_completed(node, tmp_path) -> N
                      r"corrupt MIG journal \(missing 'status'\)", id="truncated"),
         pytest.param(b'{"kind": "gpushare-mig-journal", "version": 7}',
                      r"unknown journal version 7", id="future version"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000,
+                     r"corrupt MIG journal \(nested too deeply\)", id="nested 100,000 deep"),
     ],
 )  # fmt: skip
 def test_corrupt_journal_is_one_line_and_touches_nothing(node, tmp_path, content, message) -> None:

@@ -123,6 +123,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"not JSON ({err})") from None
+    except RecursionError:
+        raise ValueError("not JSON (nested too deeply)") from None
 
 
 def _check_private(directory: Path) -> None:

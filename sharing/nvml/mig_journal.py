@@ -93,6 +93,10 @@ def read_journal(path: Path, node: tuple[str, ...] | None = None) -> JournalReco
         raise MigJournalError(f"{path}: corrupt MIG journal: larger than 4 MiB")
     try:
         record = _parse(path, json.loads(data))
+    except RecursionError:
+        raise MigJournalError(
+            f"{path}: corrupt MIG journal (nested too deeply); remove it to go on"
+        ) from None
     except KeyError as err:
         raise MigJournalError(
             f"{path}: corrupt MIG journal (missing {err}); remove it to go on"
