@@ -282,3 +282,50 @@ def closed_on(port: int) -> bool:
     except (ConnectionError, urllib.error.URLError):
         return True
     return False
+
+
+def test_clients_trickling_requests_in_every_slot_are_cut_off_at_the_deadline() -> None:
+    """MAX_CONNECTIONS clients sending a header a byte at a time (each byte within the read
+    timeout) held every slot for as long as they liked, so /healthz, the kubelet's liveness
+    probe, went unanswered; with a 1 s deadline per connection it is answered again soon."""
+    import threading
+
+    from plugin.daemon.metrics import MAX_CONNECTIONS
+
+    server = MetricsServer("127.0.0.1:0", Metrics(version="0"), liveness=lambda: None,
+                           readiness=lambda: None, request_deadline_s=1.0)
+    server.start()
+    port = server.bound[1]
+    stop = threading.Event()
+    cut_off: list[float] = []
+    began = time.monotonic()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port), 5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            while not stop.wait(0.2):
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    cut_off.append(time.monotonic() - began)
+                    return
+
+    def healthz_ok() -> bool:
+        try:
+            return get(port, "/healthz") == (200, "ok\n")
+        except (ConnectionError, urllib.error.URLError):
+            return False
+
+    clients = [threading.Thread(target=trickle, daemon=True) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(0.5)  # the trickling clients hold every slot
+        wait_until(healthz_ok, timeout_s=5.0)
+        wait_until(lambda: len(cut_off) == MAX_CONNECTIONS, timeout_s=5.0)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(5)
+        server.stop()
+    assert max(cut_off) < 5.0, cut_off

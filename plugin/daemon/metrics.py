@@ -15,10 +15,15 @@ For code outside this module (the MIG reconfiguration jobs, say):
 - `/healthz`: 200 while every background loop of the daemon runs, else 503 naming the loops;
 - `/readyz`: 200 once every resource of the plan is registered with the kubelet, else 503 with
   the reason (`not registered with the kubelet: nvidia.com/gpu`, `kubelet.sock absent`, ...).
+
+At most MAX_CONNECTIONS connections are served at once, each for at most REQUEST_DEADLINE_S in
+all: a client sending its request a byte at a time is cut off then, so a few of them cannot
+hold every slot and fail the kubelet's liveness probe on /healthz.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import socket
@@ -48,6 +53,7 @@ log = logging.getLogger("gpushare.metrics")
 
 DEFAULT_ADDRESS = ":9402"
 MAX_CONNECTIONS = 16  # scrapers and probes served at once
+REQUEST_DEADLINE_S = 10.0  # one connection's whole exchange: request read, answer sent
 MIG_RESULTS = ("success", "failed")
 # Allocate handler time (the response built from the Plan in memory), 50 µs to 1 s.
 ALLOCATE_BUCKETS_S = (
@@ -235,9 +241,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = MAX_CONNECTIONS
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *,
+        deadline_s: float = REQUEST_DEADLINE_S,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._deadline_s = deadline_s
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -248,20 +258,32 @@ class _Server(ThreadingHTTPServer):
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Serve one connection, then free its slot."""
+        """Serve one connection, cut off at the deadline, then free its slot."""
+        cutoff = threading.Timer(self._deadline_s, _cut_off, args=(request,))
+        cutoff.daemon = True
+        cutoff.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            cutoff.cancel()
             self._slots.release()
+
+
+def _cut_off(connection: socket.socket) -> None:
+    """End a connection past its deadline: the handler's read or write returns at once."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsServer:
     """HTTP server for /metrics, /healthz and /readyz on its own threads."""
 
     def __init__(
-        self, address: str, metrics: Metrics, *, liveness: Check, readiness: Check
+        self, address: str, metrics: Metrics, *, liveness: Check, readiness: Check,
+        request_deadline_s: float = REQUEST_DEADLINE_S,
     ) -> None:
         self.address = address
+        self._deadline_s = request_deadline_s
         self._host, self._port = parse_address(address)
         self._metrics = metrics
         self._liveness = liveness
@@ -288,7 +310,8 @@ class MetricsServer:
             OSError: the address cannot be bound; the message names it and the option.
         """
         try:
-            self._server = _Server((self._host, self._port), self._handler_class())
+            self._server = _Server((self._host, self._port), self._handler_class(),
+                                   deadline_s=self._deadline_s)
         except OSError as err:
             raise OSError(
                 f"cannot serve metrics on {self.address}: {err.strerror or err} "
