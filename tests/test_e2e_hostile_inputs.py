@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ def child_env() -> dict[str, str]:
 class Daemon:
     """`gpushare run` with its control socket in a short directory; output to `log`."""
 
-    def __init__(self, base: Path, kubelet_dir: Path, log: Path) -> None:
+    def __init__(self, base: Path, kubelet_dir: Path, log: Path, *args: str) -> None:
         from sharing.nvml.sim import create_state
 
         self.config = base / "config.yaml"
@@ -49,7 +50,8 @@ class Daemon:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "plugin.cli", "run", "--node", str(node),
                  "--config", str(self.config), "--kubelet-dir", str(kubelet_dir),
-                 "--control-socket", str(self.socket), "--state-dir", str(base / "state")],
+                 "--control-socket", str(self.socket), "--state-dir", str(base / "state"),
+                 *args],
                 cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
             )
 
@@ -79,8 +81,10 @@ def base() -> Iterator[Path]:
         yield path
 
 
-def start(base: Path, kubelet_dir: Path, kubelet: FakeKubelet, log: Path) -> Daemon:
-    daemon = Daemon(base, kubelet_dir, log)
+def start(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet, log: Path, *args: str
+) -> Daemon:
+    daemon = Daemon(base, kubelet_dir, log, *args)
     try:
         kubelet.wait_for_list(RESOURCE, lambda d: len(d.devices) == 32, 30.0)
         deadline = time.monotonic() + 10
@@ -197,4 +201,22 @@ def test_state_files_nested_too_deeply_are_reported_and_the_daemon_serves(
         assert line.format(state=state) in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     assert took < SIGTERM_LIMIT_S, f"SIGTERM took {took:.2f}s"
+    assert daemon.process.returncode == 0
+
+
+def test_a_labels_file_naming_a_fifo_or_device_is_left_alone(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet
+) -> None:
+    """--labels-file naming a FIFO (as /dev/null is a device) was renamed over by a regular
+    file and removed on stop: `--labels-file /dev/null` would have deleted /dev/null. Now the
+    write is refused in one line naming the path, and the FIFO is still there after stop."""
+    labels = base / "labels"
+    os.mkfifo(labels)
+    daemon = start(base, kubelet_dir, kubelet, base / "daemon.log", "--labels-file", str(labels))
+    took = daemon.terminate()
+    log = daemon.log.read_text()
+    assert (f"cannot write the node labels to {labels}: exists and is a FIFO, not a regular "
+            "file: not replaced") in log, log[-3000:]
+    assert stat.S_ISFIFO(os.lstat(labels).st_mode)
+    assert took < SIGTERM_LIMIT_S
     assert daemon.process.returncode == 0

@@ -135,3 +135,24 @@ def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared.chmod(0o700)
     with pytest.raises(OSError, match="owned by uid 65534, not by root or us"):
         JobStore(shared).open()
+
+
+def test_write_atomic_never_replaces_a_fifo_device_or_directory(tmp_path: Path) -> None:
+    """An output path naming a FIFO (or /dev/null, or a directory) is refused in one line and
+    left as it was; a symbolic link is replaced like a file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=r"exists and is a FIFO, not a regular file: not replaced"):
+        write_atomic(fifo, "x=1\n")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    with pytest.raises(OSError, match="exists and is a directory"):
+        write_atomic(directory, "x=1\n")
+    assert directory.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]  # no temporary left
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target")
+    write_atomic(link, "x=1\n")
+    assert not link.is_symlink()
+    assert link.read_text() == "x=1\n"

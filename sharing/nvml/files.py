@@ -8,7 +8,8 @@ most `limit` + 1 bytes whatever the path names (a link to /dev/zero is refused t
 only); the caller bounds what it reads.
 
 `write_atomic`: whole-file replacement; a reader sees the old file or the new one, never part
-of either.
+of either. Only a regular file (or a symbolic link) is replaced: a device, FIFO, socket or
+directory at the path is refused (an output file named /dev/null must not become a file).
 
 Every state file gpushare keeps (the MIG journal, the job history, the node labels file, the
 CDI spec, the simulated node's state) is written this way: a temporary file beside the target,
@@ -91,6 +92,21 @@ def open_regular(path: str | Path) -> BinaryIO:
         raise
 
 
+def _refuse_special(path: Path) -> None:
+    """OSError when `path` exists as something a rename must not replace (a device such as
+    /dev/null named as an output file, a FIFO, a socket, a directory); a regular file or a
+    symbolic link may be replaced."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EEXIST
+    raise OSError(code, f"exists and is {kind}, not a regular file: not replaced")
+
+
 def _read_at_most(fd: int, limit: int) -> bytes:
     """Up to `limit` bytes from a file descriptor."""
     chunks: list[bytes] = []
@@ -120,10 +136,11 @@ def write_atomic(
     with `parent_mode`.
 
     Raises:
-        OSError: the directory cannot be created or written.
+        OSError: the directory cannot be created or written, or the path is not a regular file.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(mode=parent_mode, parents=True, exist_ok=True)
+    _refuse_special(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
