@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from sharing.errors import ConfigError
+from sharing.text import shorten
 
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 DEFAULT_RESET_REQUIRED_XIDS = frozenset({48, 79, 95})
@@ -115,7 +116,7 @@ def _parse_xid_list(variable: str, text: str) -> tuple[bool, frozenset[int]]:
             xids.add(int(token))
         else:
             raise ConfigError(
-                f"{variable}: invalid value {raw.strip()!r} in {text!r}: "
+                f"{variable}: invalid value {shorten(raw.strip())!r} in {shorten(text)!r}: "
                 "expected 'all', 'xids' or a comma-separated list of XID numbers"
             )
     return everything, frozenset(xids)

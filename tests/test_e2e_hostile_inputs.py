@@ -220,3 +220,53 @@ def test_a_labels_file_naming_a_fifo_or_device_is_left_alone(
     assert stat.S_ISFIFO(os.lstat(labels).st_mode)
     assert took < SIGTERM_LIMIT_S
     assert daemon.process.returncode == 0
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        pytest.param(["--state-dir", "{base}/file"], {},
+                     "gpushare run: state directory {base}/file: not a directory",
+                     id="state dir is a file"),
+        pytest.param(["--control-socket", "{base}/file/control.sock"], {},
+                     "gpushare run: control socket {base}/file/control.sock: Not a directory",
+                     id="control socket under a file"),
+        pytest.param(["--kubelet-dir", f"/tmp/{HUGE}"], {},
+                     "gpushare run: --kubelet-dir: a path of 100,005 characters; at most 4,096",
+                     id="100 KB kubelet dir"),
+        pytest.param([], {"CDI_SPEC_DIR": f"/tmp/{HUGE}"},
+                     "gpushare run: --cdi-spec-dir (or $CDI_SPEC_DIR): a path of 100,005",
+                     id="100 KB CDI_SPEC_DIR"),
+        pytest.param([], {"DP_DISABLE_HEALTHCHECKS": f"13,{HUGE}"},
+                     "gpushare run: DP_DISABLE_HEALTHCHECKS: invalid value 'xxx",
+                     id="100 KB DP_DISABLE_HEALTHCHECKS"),
+    ],
+)
+def test_bad_paths_and_variables_stop_the_start_in_one_short_line(
+    base: Path, kubelet_dir: Path, kubelet: FakeKubelet, args: list[str], env: dict,
+    expected: str,
+) -> None:
+    """Each names the option or variable and the path or value, cut short: no `File exists`
+    for a file where a directory must be, no `[Errno 20]`, no 100 KB value echoed twice."""
+    from sharing.nvml.sim import create_state
+
+    (base / "file").write_text("a file\n")
+    node = create_state("dgx-a100", base / "node")
+    argv = [a.format(base=base) for a in args]
+    defaults = {"--state-dir": str(base / "state"), "--control-socket": str(base / "c.sock")}
+    for option, value in defaults.items():
+        if option not in argv:
+            argv += [option, value]
+    done = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "run", "--node", str(node),
+         "--kubelet-dir", str(kubelet_dir), *argv],
+        cwd=ROOT, env={**child_env(), **env}, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(expected.format(base=base)), last[:500]
+    assert len(last) < 400, last[:500]
+    assert "Traceback" not in done.stderr

@@ -156,3 +156,11 @@ def test_write_atomic_never_replaces_a_fifo_device_or_directory(tmp_path: Path) 
     write_atomic(link, "x=1\n")
     assert not link.is_symlink()
     assert link.read_text() == "x=1\n"
+
+
+def test_write_atomic_under_a_file_says_which_is_not_a_directory(tmp_path: Path) -> None:
+    """A file where the target's directory must be: `... is not a directory`, not mkdir's
+    `File exists`."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path}/file is not a directory"):
+        write_atomic(tmp_path / "file" / "gfd", "x=1\n")

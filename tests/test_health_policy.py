@@ -107,6 +107,13 @@ def test_policy_rejects_bad_values(disabled: str | None, enabled: str | None, me
         XidPolicy.from_lists(disabled, enabled)
 
 
+def test_a_huge_bad_value_is_a_short_error() -> None:
+    """A 100,000-character value is named, cut short: the error was 200 KB, the value twice."""
+    with pytest.raises(ConfigError, match="DP_DISABLE_HEALTHCHECKS: invalid value 'xxx") as err:
+        XidPolicy.from_lists("13," + "x" * 100_000, None)
+    assert len(str(err.value)) < 400
+
+
 @pytest.mark.parametrize(
     ("event_type", "code", "judged_as"),
     [

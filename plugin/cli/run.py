@@ -19,6 +19,7 @@ from plugin.daemon.control import DEFAULT_CONTROL_SOCKET
 from plugin.daemon.metrics import DEFAULT_ADDRESS
 from plugin.daemon.mig_history import DEFAULT_STATE_DIR
 from sharing.errors import ConfigError, PlanError, SharingError
+from sharing.text import shorten
 
 log = logging.getLogger("gpushare.daemon")
 
@@ -27,6 +28,8 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 2
 MPS_COMPUTE_MODE_ENV = "MPS_COMPUTE_MODE"
 METRICS_ADDRESS_ENV = "METRICS_ADDRESS"
+MAX_PATH_CHARS = 4096  # PATH_MAX
+MAX_ERROR_CHARS = 2000  # of a start error (a config error lists up to three problems)
 
 
 RUN_DESCRIPTION = """\
@@ -174,7 +177,13 @@ def run_command(args: argparse.Namespace) -> int:
     metrics = args.metrics_address
     if metrics is None:
         metrics = env.get(METRICS_ADDRESS_ENV, DEFAULT_ADDRESS)
+    cdi_spec_dir = args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR)
     try:
+        check_path_lengths({
+            "--config (or $CONFIG_FILE)": path, "--node": args.node,
+            "--kubelet-dir": args.kubelet_dir, "--state-dir": args.state_dir,
+            "--cdi-spec-dir (or $CDI_SPEC_DIR)": cdi_spec_dir, "--mps-control": args.mps_control,
+        })
         if args.cpu_affinity:
             pin_process(args.cpu_affinity)
         if args.create_kubelet_dir and not args.kubelet_dir.is_dir():
@@ -188,7 +197,7 @@ def run_command(args: argparse.Namespace) -> int:
             env=env,
             overrides=overrides_from_args(args),
             mps_control=args.mps_control,
-            cdi_spec_dir=args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR),
+            cdi_spec_dir=cdi_spec_dir,
             mps_compute_mode=mps_compute_mode(args.mps_compute_mode, env),
             metrics_address=metrics or None,
             node_labels=True,
@@ -196,14 +205,26 @@ def run_command(args: argparse.Namespace) -> int:
         _add_mig_jobs(daemon, args, nvml_lib)
         return daemon.run_forever()
     except (ConfigError, PlanError) as err:
-        print(f"gpushare run: {err}", file=sys.stderr)
+        print(f"gpushare run: {shorten(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
         return EXIT_CONFIG
     except SharingError as err:
-        print(f"gpushare run: {err}", file=sys.stderr)
+        print(f"gpushare run: {shorten(str(err), MAX_ERROR_CHARS)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as err:
-        print(f"gpushare run: {describe_os_error(err)}", file=sys.stderr)
+        print(f"gpushare run: {shorten(describe_os_error(err), MAX_ERROR_CHARS)}",
+              file=sys.stderr)
         return EXIT_ERROR
+
+
+def check_path_lengths(paths: Mapping[str, object]) -> None:
+    """ConfigError naming the first option whose path is longer than PATH_MAX.
+
+    Such a path can only fail, and each message naming it would carry it whole.
+    """
+    for option, value in paths.items():
+        if value is not None and len(str(value)) > MAX_PATH_CHARS:
+            raise ConfigError(f"{option}: a path of {len(str(value)):,} characters; at most "
+                              f"{MAX_PATH_CHARS:,} (PATH_MAX), got {shorten(str(value))!r}")
 
 
 def mps_compute_mode(flag: str | None, env: Mapping[str, str]) -> str:

@@ -87,9 +87,11 @@ def add_mig_jobs(
         try:
             store.open()
         except OSError as err:
+            # mkdir(exist_ok=True) says "File exists" when the path (or a parent) is a file
+            why = "not a directory" if isinstance(err, FileExistsError) else err.strerror or err
             if not default_state_dir:
-                raise OSError(f"state directory {state_dir}: {err.strerror or err}") from None
-            reason = f"no state directory ({state_dir}: {err.strerror or err}; see --state-dir)"
+                raise OSError(f"state directory {state_dir}: {why}") from None
+            reason = f"no state directory ({state_dir}: {why}; see --state-dir)"
             log.warning("MIG reconfiguration jobs disabled: %s", reason)
             runner.disable(reason)
             return

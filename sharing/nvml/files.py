@@ -139,7 +139,10 @@ def write_atomic(
         OSError: the directory cannot be created or written, or the path is not a regular file.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(mode=parent_mode, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=parent_mode, parents=True, exist_ok=True)
+    except FileExistsError:  # its "File exists" is about a file where a directory must be
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory") from None
     _refuse_special(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
