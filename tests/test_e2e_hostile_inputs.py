@@ -270,3 +270,31 @@ def test_bad_paths_and_variables_stop_the_start_in_one_short_line(
     assert last.startswith(expected.format(base=base)), last[:500]
     assert len(last) < 400, last[:500]
     assert "Traceback" not in done.stderr
+
+
+def wait_for_line(log: Path, text: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n{log.read_text()[-2000:]}"
+        time.sleep(0.05)
+
+
+def test_a_kubelet_socket_that_is_not_a_socket_is_no_kubelet(
+    base: Path, kubelet_dir: Path
+) -> None:
+    """A FIFO named kubelet.sock was dialed as the kubelet, every registration waiting out its
+    2 s deadline (and a SIGTERM meanwhile with it); now it counts as no kubelet, said once."""
+    os.mkfifo(kubelet_dir / "kubelet.sock")
+    daemon = Daemon(base, kubelet_dir, base / "daemon.log")
+    try:
+        wait_for_line(daemon.log, f"kubelet.sock not a socket in {kubelet_dir}: waiting for "
+                                  "the kubelet")
+        time.sleep(3.0)  # a registration attempt would have failed by now
+        took = daemon.terminate()
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+    log = daemon.log.read_text()
+    assert "registering nvidia.com/gpu" not in log, log[-2000:]
+    assert took < SIGTERM_LIMIT_S, f"SIGTERM took {took:.2f}s"
+    assert daemon.process.returncode == 0

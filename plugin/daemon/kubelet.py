@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -82,13 +83,21 @@ def register(
             ) from err
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(inode, ctime) of a file, or None when it does not exist."""
+def _identity(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """(inode, ctime) of the kubelet's socket, or None and why there is none to dial.
+
+    A directory, FIFO or file in its place (or a symlink loop) counts as no kubelet: dialing it
+    would only wait out the registration deadline each time, and delay a stop that long.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_ctime_ns
+        return None, "absent"
+    except OSError as err:
+        return None, f"unreadable ({err.strerror or err})"
+    if not stat.S_ISSOCK(st.st_mode):
+        return None, "not a socket"
+    return (st.st_ino, st.st_ctime_ns), ""
 
 
 class KubeletLink:
@@ -127,6 +136,7 @@ class KubeletLink:
         )
         self._kubelet: tuple[int, int] | None = None
         self._kubelet_lost = False
+        self._lost_problem = ""  # why kubelet.sock cannot be dialed, as last logged
         self._restart_reason = ""  # the last restart reason logged, so a repeat is not
         self.registrations = 0
 
@@ -184,12 +194,13 @@ class KubeletLink:
 
     def poll_once(self) -> None:
         """One look at the kubelet directory: restart and re-register when needed."""
-        current = _identity(self.kubelet_dir / KUBELET_SOCKET)
+        current, problem = _identity(self.kubelet_dir / KUBELET_SOCKET)
         if current is None:
-            if not self._kubelet_lost:
-                log.info("%s absent in %s: waiting for the kubelet", KUBELET_SOCKET,
+            if not self._kubelet_lost or problem != self._lost_problem:
+                log.info("%s %s in %s: waiting for the kubelet", KUBELET_SOCKET, problem,
                          self.kubelet_dir)
                 self._kubelet_lost = True
+                self._lost_problem = problem
             return
         missing = self._missing_resources()
         recreated = self._kubelet is not None and (self._kubelet_lost or current != self._kubelet)
