@@ -13,6 +13,7 @@ held up the daemon's start and every `gpushare mig status`.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timezone, tzinfo
 
@@ -73,6 +74,19 @@ def _day_of_week_field(field: str) -> str:
     return ",".join(DAYS[d] for d in sorted(days))
 
 
+@functools.lru_cache(maxsize=256)
+def _some_day_matches(day: str, month: str, day_of_week: str) -> bool:
+    """Whether any date has this day of month, month and day of week (checked fields).
+
+    Only these fields can make an expression never fire (every other field has a value in each
+    day); the answer is kept, so a schedule repeating them costs one search.
+    """
+    probe = CronTrigger(second="0", minute="0", hour="0", day=day, month=month,
+                        day_of_week=day_of_week, timezone=_CYCLE_START.tzinfo,
+                        start_date=_CYCLE_START, end_date=_CYCLE_END)
+    return probe.get_next_fire_time(None, _CYCLE_START) is not None
+
+
 def cron_trigger(expression: str, timezone: tzinfo | str | None = None) -> CronTrigger:
     """The APScheduler trigger of a 5-field crontab line or a 6-field line with seconds first.
 
@@ -94,11 +108,9 @@ def cron_trigger(expression: str, timezone: tzinfo | str | None = None) -> CronT
         fields[4] = _day_of_week_field(fields[4])
         when = dict(zip(("minute", "hour", "day", "month", "day_of_week"), fields, strict=True))
         trigger = CronTrigger(second=seconds, **when, timezone=timezone)
-        probe = CronTrigger(second=seconds, **when, timezone=_CYCLE_START.tzinfo,
-                            start_date=_CYCLE_START, end_date=_CYCLE_END)
     except ValueError as err:
         raise ValueError(f'"{expression}" is not a valid cron expression: {err}') from err
-    if probe.get_next_fire_time(None, _CYCLE_START) is None:
+    if not _some_day_matches(when["day"], when["month"], when["day_of_week"]):
         raise ValueError(
             f'"{expression}" never fires: no date has that day of month in that month'
             " (and day of week)"
