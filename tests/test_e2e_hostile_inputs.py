@@ -113,14 +113,13 @@ def test_control_clients_that_trickle_or_nest_leave_the_daemon_serving_and_stopp
             answer = json.loads(sock.makefile("rb").readline())
         assert answer == {"ok": False, "error": "bad request: JSON nested too deeply"}
 
-        give_up_s = REQUEST_TIMEOUT_S + 10
+        give_up_s = REQUEST_TIMEOUT_S + 20  # generous: a loaded machine starts processes slowly
         trickling = [Trickle(daemon.socket, every_s=0.5, give_up_s=give_up_s)
                      for _ in range(MAX_CONNECTIONS)]
         time.sleep(0.5)
         began = time.monotonic()
-        done = daemon.status()
-        while done.returncode != 0 and "busy" in done.stderr:
-            assert time.monotonic() - began < give_up_s, done.stderr
+        done = daemon.status()  # refused as busy (or not accepted) while every slot is held
+        while done.returncode != 0 and time.monotonic() - began < give_up_s:
             time.sleep(0.5)
             done = daemon.status()
         assert done.returncode == 0, done.stderr
