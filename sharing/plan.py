@@ -88,7 +88,8 @@ def _check_mps_flags(config: Config, options: ServeOptions) -> None:
         )
     if not options.mps_root.startswith("/"):
         raise PlanError(
-            f"sharing.mps: flags.mpsRoot must be an absolute path, got {options.mps_root!r}"
+            "sharing.mps: flags.mpsRoot (or MPS_ROOT / --mps-root) must be an absolute path, "
+            f"got {options.mps_root!r}"
         )
 
 

@@ -366,7 +366,8 @@ def test_plan_rejects_a_relative_mps_root(inventory_of: Callable[..., Inventory]
     """build_plan refuses mpsRoot `run/mps`: the error names the flag and the value."""
     config = load_config("version: v1\nflags: {mpsRoot: run/mps}\n"
                          + COMPAT_MPS.read_text().split("\n", 1)[1])
-    with pytest.raises(PlanError, match="flags.mpsRoot must be an absolute path, got 'run/mps'"):
+    with pytest.raises(PlanError, match=r"flags.mpsRoot \(or MPS_ROOT / --mps-root\) must be "
+                                        "an absolute path, got 'run/mps'"):
         build_plan(inventory_of("dgx-a100"), config)
 
 
