@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pynvml
 import pytest
 
 from plugin.daemon.control import call
@@ -20,6 +21,7 @@ from plugin.daemon.mig_wiring import add_mig_jobs
 from sharing.nvml import Nvml, load_library, read_inventory
 from sharing.nvml.mig_apply import apply_mig, plan_mig
 from sharing.nvml.sim import SimNvml, create_state, start_process, stop_process
+from tests.fakes.gated_sim import GatedSim
 from tests.fakes.kubelet import FakeKubelet
 from tests.fakes.sockets import short_dir
 
@@ -61,10 +63,10 @@ class Node:
         finally:
             nvml.shutdown()
 
-    def start(self, config: str = MIXED) -> Daemon:
+    def start(self, config: str = MIXED, lib: object = None) -> Daemon:
         path = self.tmp_path / "config.yaml"
         path.write_text(config)
-        lib = load_library(str(self.state))
+        lib = lib if lib is not None else load_library(str(self.state))
         self.daemon = Daemon(config_path=path, kubelet_dir=self.kubelet_dir, nvml_lib=lib,
                              env={}, overrides={"mps-root": str(self.mps_root),
                                                 "labels-file": str(self.labels_file)},
@@ -320,3 +322,80 @@ def test_history_is_bounded_persisted_and_survives_corruption(tmp_path: Path) ->
     assert (tmp_path / "s" / "mig-jobs.json.corrupt").read_text() == "{not json"
 
 
+
+
+MPS_ON_ALL = "version: v1\nsharing: {mps: {resources: [{name: nvidia.com/gpu, replicas: 2}]}}\n"
+
+
+def test_reload_during_the_drain_keeps_the_mps_daemon_stopped(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """A config reload (or SIGHUP) while a job drains does not start the MPS daemon the drain
+    stopped: its MPS server would be a compute process on the GPU being drained again."""
+    node.start(MPS_ON_ALL)
+    supervisor = node.daemon.mps_supervisor
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16)
+    pid = node.process_on(7)
+    job = node.runner.submit("gpu7-3g", text=GPU7_3G)
+    eventually(lambda: supervisor.daemon("nvidia.com/gpu") is None)
+    assert node.daemon.reload()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert supervisor.daemon("nvidia.com/gpu") is None, "MPS daemon started mid-drain"
+        time.sleep(0.02)
+    assert len(kubelet.latest("nvidia.com/gpu").unhealthy_ids) == 16
+    stop_process(node.state, 7, pid=pid)
+    assert node.wait_done(job.id).result == "success"
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)
+    eventually(lambda: supervisor.daemon("nvidia.com/gpu") is not None)
+
+
+def test_reload_during_the_apply_serves_no_half_made_device_healthy(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """A reload (config edit, SIGHUP) while the job is half-way through the node may list the
+    instances made so far, but none Healthy until the job has verified its layout: the kubelet
+    must not place pods on GPUs still being repartitioned."""
+    node.apply("all-2g.10gb")
+    lib = GatedSim(node.state)
+    lib.pause_at(7, 2)  # GPUs 0-6 done, GPU 7 has one 1g.5gb
+    node.start(MIXED, lib=lib)
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    assert lib.paused.wait(15)
+    try:
+        assert node.daemon.reload()
+        half = kubelet.wait_for_list(NEW, lambda x: len(x.devices) == 7 * 7 + 1)
+        assert half.healthy_ids == []
+    finally:
+        lib.release()
+    assert node.wait_done(job.id).result == "success"
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+
+
+def test_apply_failing_on_one_gpu_names_it_and_serves_what_is_there(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """The driver refuses GPU 3's second instance: the other GPUs are reconfigured, GPU 3 is
+    reported failed with its index and the NVML error, and the kubelet gets GPU 3's devices as
+    they really are (one 1g.5gb), none that do not exist."""
+    node.apply("all-2g.10gb")
+    lib = GatedSim(node.state)
+    lib.fail_at(3, 2, pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
+    node.start(MIXED, lib=lib)
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    done = node.wait_done(job.id)
+    assert done.result == "failed"
+    assert "GPU 3" in done.reason, done.reason
+    assert "NVML_ERROR_INSUFFICIENT_RESOURCES" in done.reason, done.reason
+    outcomes = {g.index: g.outcome for g in done.gpus}
+    assert outcomes == {**{i: "reconfigured" for i in range(8) if i != 3}, 3: "failed"}
+    [failed] = [g for g in done.gpus if g.index == 3]
+    assert "NVML_ERROR_INSUFFICIENT_RESOURCES" in failed.detail
+    served = kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 50)
+    assert len(served.devices) == 50
+    inventory = node.daemon.inventory
+    assert len(inventory.gpu(3).mig_devices) == 1
+    kubelet.wait_for(lambda: OLD not in kubelet.streaming(), timeout_s=10)
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "failed"}

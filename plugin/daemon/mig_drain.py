@@ -14,9 +14,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
+from plugin.daemon.mps_wiring import without_held
 from sharing.devices import Inventory
 from sharing.errors import SharingError
 from sharing.health import mps_key
@@ -58,23 +58,30 @@ class Drain:
         self._stopping = stopping
         self._poll_s = poll_s
         self._kill_grace_s = kill_grace_s
+        self._served: dict[str, str] = {}  # overlay of the devices served before the job
 
     def begin(self) -> None:
-        """Mark the GPUs' served devices Unhealthy and stop our MPS daemons on them (every
-        device of such an MPS resource is Unhealthy while its daemon is down)."""
+        """Mark the GPUs Unhealthy and stop our MPS daemons on them (every device of such an
+        MPS resource is Unhealthy while its daemon is down).
+
+        The overlay names the GPUs themselves as well as their served devices, so an instance
+        the job has made is Unhealthy too if a reload (config edit, SIGHUP) serves the GPU
+        half-way; the MPS daemons stay held (`host.mps_held`) across such reloads."""
         plan: Plan = self.host.plan
         keys = overlay_keys(plan, set(self.gpus))
-        stopped = [r.name for r in plan.resources
-                   if r.mps and set(self.gpus) & set(r.mps.gpu_uuids)]
-        overlay = {k: self.reason for k in keys}
-        overlay.update({mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped})
+        stopped = frozenset(r.name for r in plan.resources
+                            if r.mps and set(self.gpus) & set(r.mps.gpu_uuids))
+        served = {k: self.reason for k in keys}
+        served.update({mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped})
+        self._served = served
+        self.host.mps_held = stopped
+        overlay = {**{uuid: self.reason for uuid in self.gpus}, **served}
         self.host.set_health_overlay(overlay, source=OVERLAY_SOURCE)
         self._progress(f"{len(keys)} physical devices Unhealthy at the kubelet")
         supervisor = self.host.mps_supervisor
         if supervisor is not None and stopped:
-            kept = tuple(r for r in plan.resources if r.name not in stopped)
-            supervisor.update(replace(plan, resources=kept))
-            self._progress(f"stopped the MPS daemons of {', '.join(stopped)}")
+            supervisor.update(without_held(plan, stopped))
+            self._progress(f"stopped the MPS daemons of {', '.join(sorted(stopped))}")
 
     def wait(self, nvml: Nvml, timeout_s: float, kill_processes: bool) -> None:
         """Wait until the GPUs run no compute process.
@@ -104,15 +111,23 @@ class Drain:
             if self._stopping.wait(self._poll_s):
                 raise DrainCancelled("the daemon is stopping")
 
+    def applied(self) -> None:
+        """The layout is in place (or the apply gave up): the GPUs' devices may be served as
+        they now are and the MPS daemons may start with the next Plan; the devices served
+        before the job stay Unhealthy until that Plan replaces them."""
+        self.host.mps_held = frozenset()
+        self.host.set_health_overlay(self._served, source=OVERLAY_SOURCE)
+
     def undo(self) -> None:
         """Devices Healthy again and the MPS daemons back, as before the drain."""
         self.end()
-        if self.host.mps_supervisor is not None:
-            self.host.mps_supervisor.update(self.host.plan)
 
     def end(self) -> None:
-        """Drop the drain's Unhealthy marks (after the new Plan is served)."""
+        """Drop the drain's Unhealthy marks and MPS hold (after the new Plan is served)."""
+        self.host.mps_held = frozenset()
         self.host.set_health_overlay({}, source=OVERLAY_SOURCE)
+        if self.host.mps_supervisor is not None:
+            self.host.mps_supervisor.update(self.host.plan)
 
     def _signal(self, busy: Busy, force: bool) -> None:
         assert self._kill is not None

@@ -62,6 +62,7 @@ class MigJobHost(Protocol):
     config: Any
     config_path: Path | None
     mps_supervisor: Any
+    mps_held: frozenset[str]
 
     @property
     def plan(self) -> Plan:
@@ -280,7 +281,10 @@ class MigJobRunner:
             self._run(record, plan, text)
         except Exception as err:  # noqa: BLE001 (logged; the runner must take the next job)
             log.exception("MIG job %d failed unexpectedly", record.id)
+            self.host.mps_held = frozenset()
             self.host.set_health_overlay({}, source=OVERLAY_SOURCE)
+            if self.host.mps_supervisor is not None:
+                self.host.mps_supervisor.update(self.host.plan)
             if self._current is not None and self._current.id == record.id:
                 self._end(self._current.finished("failed", f"internal error: {err}"))
 
@@ -314,6 +318,7 @@ class MigJobRunner:
     ) -> None:
         """Apply, verify, reload and record; the devices come back with the new Plan."""
         outcomes, error = self._apply(record, nvml, plan, text)
+        drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
         if not self.host.reload():

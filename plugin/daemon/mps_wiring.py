@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 from mps_daemon import MANAGE_COMPUTE_MODE, MpsSupervisor, standin_argv
@@ -32,6 +33,7 @@ class MpsHost(Protocol):
     """What the wiring needs from plugin.daemon.Daemon."""
 
     nvml: Any
+    mps_held: frozenset[str]  # resources whose MPS daemons stay stopped (a MIG job's drain)
 
     @property
     def plan(self) -> Plan:
@@ -66,13 +68,25 @@ def add_mps_supervisor(
     compute_mode: str = MANAGE_COMPUTE_MODE,
     restarted: Callable[[str], None] | None = None,
 ) -> MpsSupervisor:
-    """Create the supervisor for the daemon's current Plan and have it follow every new one."""
+    """Create the supervisor for the daemon's current Plan and have it follow every new one,
+    leaving out the resources in `daemon.mps_held` (a MIG job drains their GPUs)."""
     supervisor = MpsSupervisor(
         control_binary=control, down=health.mps_down, up=health.mps_up, nvml=daemon.nvml, env=env,
         compute_mode=compute_mode,
         restarted=restarted,
     )
-    supervisor.update(daemon.plan)
-    daemon.add_plan_listener(supervisor.update)
+
+    def follow(plan: Plan, _inventory: object = None) -> None:
+        supervisor.update(without_held(plan, daemon.mps_held))
+
+    follow(daemon.plan)
+    daemon.add_plan_listener(follow)
     daemon.add_component(supervisor)
     return supervisor
+
+
+def without_held(plan: Plan, held: frozenset[str]) -> Plan:
+    """`plan` as the MPS supervisor should run it: the held resources' daemons stay stopped."""
+    if not held:
+        return plan
+    return replace(plan, resources=tuple(r for r in plan.resources if r.name not in held))
