@@ -445,6 +445,16 @@ class MigReconfiguration(StrictModel):
             raise ValueError(
                 "schedule needs configFile: the mig-parted file whose configs the entries name"
             )
+        first: dict[str, int] = {}
+        for i, entry in enumerate(self.schedule):
+            cron = " ".join(entry.cron.split())
+            if cron in first:
+                raise ValueError(
+                    f"schedule[{i}] fires at the same times as schedule[{first[cron]}] "
+                    f'("{cron}"): only one job runs at a time, so one of them would be skipped; '
+                    "keep one entry per time"
+                )
+            first[cron] = i
         return self
 
 

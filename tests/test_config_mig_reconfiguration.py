@@ -63,6 +63,11 @@ migReconfiguration:
         pytest.param("{killProcess: true}",
                      "migReconfiguration.killProcess: unknown key; did you mean "
                      "migReconfiguration.killProcesses?", id="misspelt key"),
+        pytest.param("{configFile: m.yaml, schedule: [{cron: '0 2 * * *', config: a}, "
+                     "{cron: '0 3 * * *', config: b}, {cron: ' 0  2 * * * ', config: c}]}",
+                     'migReconfiguration: schedule[2] fires at the same times as schedule[0] '
+                     '("0 2 * * *"): only one job runs at a time, so one of them would be '
+                     "skipped; keep one entry per time", id="two entries at the same time"),
         pytest.param("{configFile: m.yaml, schedule: [{cron: '0 2 * * *', config: a, at: 1}]}",
                      "migReconfiguration.schedule[0].at: unknown key", id="unknown entry key"),
     ],

@@ -4,11 +4,16 @@ stopping mid-drain, control request checks, an interrupted `gpushare mig apply` 
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
+from zoneinfo import ZoneInfo
 
 import pynvml
 import pytest
@@ -17,7 +22,9 @@ from plugin.daemon.control import call
 from plugin.daemon.core import Daemon
 from plugin.daemon.mig_history import JOURNAL_FILE, JobRecord
 from plugin.daemon.mig_jobs import CONFIG_LABEL, STATE_LABEL, JobRefused, MigJobRunner
+from plugin.daemon.mig_schedule import MigScheduler
 from plugin.daemon.mig_wiring import add_mig_jobs
+from sharing.config_models import MigScheduleEntry
 from sharing.nvml import Nvml, load_library, read_inventory
 from sharing.nvml.mig_apply import apply_mig, plan_mig
 from sharing.nvml.sim import SimNvml, create_state, start_process, stop_process
@@ -399,3 +406,52 @@ def test_apply_failing_on_one_gpu_names_it_and_serves_what_is_there(
     assert len(inventory.gpu(3).mig_devices) == 1
     kubelet.wait_for(lambda: OLD not in kubelet.streaming(), timeout_s=10)
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "failed"}
+
+
+def _cron_in(seconds: float) -> str:
+    """A six-field cron expression for the local time `seconds` from now."""
+    at = datetime.now() + timedelta(seconds=seconds)
+    return f"{at.second} {at.minute} {at.hour} * * *"
+
+
+def test_schedule_fire_while_a_job_runs_is_skipped_and_recorded(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """A schedule entry firing while a requested job drains does not start a job: `mig status`
+    shows the skipped fire, naming the running job, and the running job goes on unharmed (its
+    active-job file stays, the labels say pending)."""
+    node.apply("all-2g.10gb")
+    pid = node.process_on(0)
+    node.start(MIXED + f"""migReconfiguration:
+  configFile: {EXAMPLE}
+  drainTimeout: 30s
+  schedule: [{{cron: "{_cron_in(2)}", config: all-3g.20gb}}]
+""")
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    store = node.runner.store
+    eventually(lambda: any(j.source == "schedule" for j in store.jobs()), timeout_s=15)
+    [skipped] = [j for j in store.jobs() if j.source == "schedule"]
+    assert (skipped.config, skipped.result, skipped.refused) == ("all-3g.20gb", "failed", True)
+    assert skipped.reason.startswith(f"schedule skipped: job {job.id} (config all-1g.5gb, "
+                                     "draining) is running"), skipped.reason
+    assert store.active_path.exists()
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "pending"}
+    stop_process(node.state, 0, pid=pid)
+    assert node.wait_done(job.id).result == "success"
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+    assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "success"}
+
+
+def test_schedule_log_names_its_time_zone_and_next_runs(caplog: pytest.LogCaptureFixture) -> None:
+    """The cron times are local times: the log line naming the entries says in which zone and
+    when each fires next; emptying the schedule is logged too."""
+    scheduler = MigScheduler(cast(MigJobRunner, None), timezone=ZoneInfo("Asia/Tokyo"))
+    entries = (MigScheduleEntry(cron="0 20 * * 1-5", config="all-1g.5gb"),)
+    with caplog.at_level(logging.INFO, logger="gpushare.mig.schedule"):
+        scheduler.set_entries(entries)
+        scheduler.set_entries(())
+    first, second = (r.getMessage() for r in caplog.records)
+    assert re.fullmatch(r"MIG schedule in time zone Asia/Tokyo: 0 20 \* \* 1-5 -> all-1g\.5gb "
+                        r"\(next \d{4}-\d\d-\d\dT20:00:00\+09:00\)", first), first
+    assert second == "MIG schedule in time zone Asia/Tokyo: no entries"

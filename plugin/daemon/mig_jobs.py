@@ -182,10 +182,13 @@ class MigJobRunner:
         with self._lock:
             if self._current is not None and not self._current.done:
                 job = self._current
-                raise JobRefused(
-                    f"job {job.id} (config {job.config}, {job.phase}) is running; one job runs "
-                    "at a time: try again when it ends (`gpushare mig status`)"
-                )
+                busy = (f"job {job.id} (config {job.config}, {job.phase}) is running; one job "
+                        "runs at a time")
+                if source == "schedule":  # nobody waits for the answer: keep it in the history
+                    skipped = JobRecord(self.store.new_id(), config, source, file_name,
+                                        time.time(), refused=True)
+                    self.store.save(skipped.finished("failed", f"schedule skipped: {busy}"))
+                raise JobRefused(f"{busy}: try again when it ends (`gpushare mig status`)")
             if self._stopping.is_set():
                 raise JobRefused("the daemon is stopping")
             if self._disabled:

@@ -3,7 +3,9 @@
 A BackgroundScheduler (its own threads) holds one cron job per entry; each fire submits a
 reconfiguration job like `gpushare mig reconfigure` would. A fire while another job runs is
 skipped and logged (the entry fires again at its next time). The schedule follows config
-reloads: when the entries change, the jobs are replaced. Cron times are the node's local time.
+reloads: when the entries change, the jobs are replaced. Cron times are in the daemon's local
+time zone (`TZ`, else /etc/localtime of its container: UTC in most images), which the log line
+naming the entries states along with each entry's next fire time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class MigScheduler:
         self._scheduler = BackgroundScheduler(**kwargs)
         self._entries: tuple[MigScheduleEntry, ...] = ()
         self._lock = threading.Lock()
+        self._logged = False  # a schedule was logged (so its removal is logged too)
 
     def start(self) -> None:
         """Start firing entries (those added before start are kept)."""
@@ -62,9 +65,14 @@ class MigScheduler:
                     misfire_grace_time=MISFIRE_GRACE_S,
                 )
             self._entries = tuple(entries)
-        if entries:
-            log.info("MIG schedule: %s",
-                     "; ".join(f"{e.cron} -> {e.config}" for e in entries))
+        if entries or self._logged:
+            self._logged = bool(entries)
+            described = "; ".join(
+                f"{e['cron']} -> {e['config']} (next {e['next_run'] or 'never'})"
+                for e in self.entries()
+            )
+            log.info("MIG schedule in time zone %s: %s", self._scheduler.timezone,
+                     described or "no entries")
 
     def entries(self) -> list[dict[str, Any]]:
         """Each entry with its next fire time (ISO, or None when it never fires again)."""
