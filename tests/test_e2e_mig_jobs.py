@@ -328,3 +328,69 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout_s} s")
         time.sleep(0.002)
+
+
+def _start_request(node: Node, config: str) -> subprocess.Popen[str]:
+    """`gpushare mig reconfigure --wait` as a process that runs on while the test acts."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "mig", "reconfigure", "--control-socket",
+         str(node.socket), "-c", config, "-f", str(EXAMPLE), "--wait"],
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_sigterm_while_draining_fails_the_job_and_the_next_start_serves_as_before(
+    node: Node,
+) -> None:
+    """SIGTERM while the job drains: the daemon ends within seconds, the job is recorded failed
+    with nothing changed, and the next daemon serves the old layout Healthy, no job resumed."""
+    nvml = Nvml(SimNvml(node.state))
+    nvml.init()
+    mig = read_inventory(nvml).gpu(4).mig_devices[0]
+    nvml.shutdown()
+    start_process(node.state, 4, mig.gi_id, mig.ci_id)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 60s}\n")
+    node.wait_serving(OLD, 24)
+    request = _start_request(node, "all-1g.5gb")
+    node.kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24, timeout_s=30)
+    started = time.monotonic()
+    output = node.stop()
+    assert time.monotonic() - started < 10, output
+    assert node.process is not None
+    assert node.process.returncode == 0, output
+    answer, _ = request.communicate(timeout=10)
+    assert "drain: the daemon is stopping; nothing was changed" in answer, answer
+    assert node.asserts("all-2g.10gb").returncode == 0
+    node.kubelet.restart()
+    node.start(MIXED)
+    node.wait_serving(OLD, 24)
+    [job] = node.status()["jobs"]
+    assert (job["result"], job["reason"]) == (
+        "failed", "drain: the daemon is stopping; nothing was changed")
+    assert NEW not in node.kubelet.resources()
+    assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
+                                 "nvidia.com/mig.config.state=failed"]
+
+
+def test_sigterm_while_applying_finishes_the_apply_and_records_it(node: Node) -> None:
+    """SIGTERM while the job applies: the apply runs to its end before the daemon exits, the job
+    is recorded as it really ended (success: the layout is applied), and the next daemon serves
+    the new MIG devices."""
+    node.start()
+    node.wait_serving(OLD, 24)
+    request = _start_request(node, "all-1g.5gb")
+    wait_until(lambda: _journal_steps(node.journal) >= 20, timeout_s=30)
+    output = node.stop()
+    assert node.process is not None
+    assert node.process.returncode == 0, output
+    request.communicate(timeout=10)
+    assert _journal_steps(node.journal) == 0, "the apply was left unfinished"
+    assert node.asserts("all-1g.5gb").returncode == 0
+    node.kubelet.restart()
+    node.start()
+    node.wait_serving(NEW, 56)
+    [job] = node.status()["jobs"]
+    assert (job["result"], job["reason"]) == ("success", "applied all-1g.5gb"), job
+    assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
+    assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
+                                 "nvidia.com/mig.config.state=success"]

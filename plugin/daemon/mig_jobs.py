@@ -68,6 +68,10 @@ class MigJobHost(Protocol):
     def plan(self) -> Plan:
         """The Plan now served."""
 
+    @property
+    def phase(self) -> str:
+        """`starting`, `running`, or `stopping` (from stop() on)."""
+
     def reload(self) -> bool:
         """Read config and node again and serve the new Plan's diff."""
 
@@ -324,7 +328,11 @@ class MigJobRunner:
         drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
-        if not self.host.reload():
+        if self.host.reload():
+            pass
+        elif self.host.phase == "stopping":  # the layout is in place: the next start serves it
+            self._update(record, "the daemon is stopping: its next start serves the new layout")
+        else:
             error = error or "reload: the new plan could not be built (see the daemon log)"
         drain.end()  # after the new Plan is served: the old devices are gone by now
         if error:
