@@ -22,7 +22,7 @@ import pytest
 from plugin.daemon.mig_history import JOURNAL_FILE
 from sharing.nvml import Nvml, read_inventory
 from sharing.nvml.mig_apply import apply_mig, plan_mig
-from sharing.nvml.sim import SimNvml, create_state, start_process
+from sharing.nvml.sim import SimNvml, create_state, start_process, stop_process
 from tests.fakes.kubelet import FakeKubelet
 from tests.fakes.sockets import short_dir
 
@@ -394,3 +394,35 @@ def test_sigterm_while_applying_finishes_the_apply_and_records_it(node: Node) ->
     assert {g["outcome"] for g in job["gpus"]} == {"reconfigured"}
     assert node.mig_labels() == ["nvidia.com/mig.config=all-1g.5gb",
                                  "nvidia.com/mig.config.state=success"]
+
+
+def test_config_reload_removing_mig_reconfiguration_mid_job(node: Node) -> None:
+    """The config is rewritten without `migReconfiguration` while a job drains: the schedule is
+    gone at once, the job keeps the file text and drain timeout it started with and ends
+    normally, and the node is served as the job left it."""
+    nvml = Nvml(SimNvml(node.state))
+    nvml.init()
+    mig = read_inventory(nvml).gpu(6).mig_devices[0]
+    nvml.shutdown()
+    pid = start_process(node.state, 6, mig.gi_id, mig.ci_id)
+    daemon = node.start(MIXED + f"""migReconfiguration:
+  configFile: {EXAMPLE}
+  drainTimeout: 60s
+  schedule: [{{cron: "0 3 1 1 *", config: all-3g.20gb}}]
+""")
+    node.wait_serving(OLD, 24)
+    started = node.reconfigure("-c", "all-1g.5gb")
+    assert started.returncode == 0, started.stdout + started.stderr
+    node.kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24, timeout_s=30)
+    node.config.write_text(MIXED + "migReconfiguration: {drainTimeout: 1s}\n")
+    wait_until(lambda: node.status()["schedule"] == [], timeout_s=15)
+    status = node.status()
+    assert status["current"]["phase"] == "draining"
+    assert status["drain_timeout_s"] == 1.0
+    time.sleep(1.5)  # past the new timeout: the job keeps the 60 s it started with
+    assert node.status()["current"]["phase"] == "draining"
+    stop_process(node.state, 6, pid=pid)
+    node.wait_serving(NEW, 56)
+    [job] = node.status()["jobs"]
+    assert (job["result"], job["file"]) == ("success", str(EXAMPLE))
+    assert daemon.poll() is None

@@ -455,3 +455,37 @@ def test_schedule_log_names_its_time_zone_and_next_runs(caplog: pytest.LogCaptur
     assert re.fullmatch(r"MIG schedule in time zone Asia/Tokyo: 0 20 \* \* 1-5 -> all-1g\.5gb "
                         r"\(next \d{4}-\d\d-\d\dT20:00:00\+09:00\)", first), first
     assert second == "MIG schedule in time zone Asia/Tokyo: no entries"
+
+
+def test_unchanged_gpus_never_blip_and_the_sends_are_few(node: Node, kubelet: FakeKubelet) -> None:
+    """A job changing GPU 7 only: every list of nvidia.com/gpu keeps GPUs 0-6 Healthy; the
+    kubelet gets GPU 7 Unhealthy, then the list without it, then the new resource, all Healthy."""
+    node.start(MIXED)
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 8)
+    others = {g.uuid for g in node.daemon.inventory.gpus if g.index != 7}
+    gpu7 = node.daemon.inventory.gpu(7).uuid
+    job = node.runner.submit("gpu7-3g", text=GPU7_3G)
+    assert node.wait_done(job.id).result == "success"
+    kubelet.wait_for_list("nvidia.com/mig-3g.20gb", lambda x: len(x.healthy_ids) == 2)
+    time.sleep(0.3)  # room for a late extra send
+    sends = kubelet.lists("nvidia.com/gpu")
+    assert all(others <= set(x.healthy_ids) for x in sends)
+    assert [(sorted(x.healthy_ids) == sorted(others), x.unhealthy_ids) for x in sends] == [
+        (False, []), (True, [gpu7]), (True, [])]
+    new = kubelet.lists("nvidia.com/mig-3g.20gb")
+    assert [(len(x.healthy_ids), len(x.unhealthy_ids)) for x in new] == [(2, 0)]
+
+
+def test_mps_daemon_comes_back_when_the_drain_fails(node: Node, kubelet: FakeKubelet) -> None:
+    """A drain that times out restarts the MPS daemon it stopped, and the devices are Healthy."""
+    node.start(MPS_ON_ALL + "migReconfiguration: {drainTimeout: 300ms}\n")
+    supervisor = node.daemon.mps_supervisor
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16)
+    node.process_on(7)
+    job = node.runner.submit("gpu7-3g", text=GPU7_3G)
+    done = node.wait_done(job.id)
+    assert done.result == "failed"
+    assert "GPU 7: pid" in done.reason
+    eventually(lambda: supervisor.daemon("nvidia.com/gpu") is not None)
+    assert node.daemon.mps_held == frozenset()
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)

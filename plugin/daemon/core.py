@@ -198,11 +198,15 @@ class Daemon:
         """
         with self._overlay_lock:
             self._overlays[source] = dict(overlay)
-            merged: dict[str, str] = {}
-            for part in self._overlays.values():
-                for key, reason in part.items():
-                    merged.setdefault(key, reason)
-            self.state.set_overlay(merged)
+            self.state.set_overlay(self._merged_overlay())
+
+    def _merged_overlay(self) -> dict[str, str]:
+        """The union of every source's overlay (under _overlay_lock)."""
+        merged: dict[str, str] = {}
+        for part in self._overlays.values():
+            for key, reason in part.items():
+                merged.setdefault(key, reason)
+        return merged
 
     def add_startup_hook(self, hook: StartupHook) -> None:
         """Call `hook(nvml)` in start(), after the NVML session opens and before serving."""
@@ -330,8 +334,12 @@ class Daemon:
         log.info("stopped; sockets removed")
         return 0
 
-    def reload(self, *, abandonable: bool = False) -> bool:
+    def reload(self, *, abandonable: bool = False, drop_overlay: str | None = None) -> bool:
         """Read config and node again and apply the diff; a bad file changes nothing.
+
+        `drop_overlay` names a health overlay source dropped together with the new Plan (one
+        device list per resource: a MIG job's Unhealthy marks end exactly when its new devices
+        are served); a reload not applied leaves it.
 
         Reloads may overlap (the reload thread, MIG jobs, direct calls): one that finishes after
         a later one has applied its plan is dropped, so the newest read always wins. The file is
@@ -356,7 +364,8 @@ class Daemon:
             log.error("reload of %s failed: %s", source,
                       str(err).removeprefix(f"{source}: ").replace(f"\n{source}: ", "\n"))
             return False
-        self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config))
+        self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config),
+                    drop_overlay=drop_overlay)
         self.metrics.config_reload(True)
         return True
 
@@ -433,7 +442,8 @@ class Daemon:
         return self.cdi.prepare(plan, config) if self.cdi is not None else None
 
     def _apply(
-        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None
+        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None,
+        drop_overlay: str | None = None,
     ) -> None:
         """Serve `plan`: CDI spec first, then stop vanished resources, push changed lists,
         serve and register new ones.
@@ -449,7 +459,8 @@ class Daemon:
                 return
             newer = self._applied_seq
             if seq >= newer:
-                self._apply_locked(plan, inventory, config=config, seq=seq, cdi=cdi)
+                self._apply_locked(plan, inventory, config=config, seq=seq, cdi=cdi,
+                                   drop_overlay=drop_overlay)
         if seq < newer:
             log.info("reload superseded by a later one: not applied")
             with self._notify_lock:
@@ -468,7 +479,8 @@ class Daemon:
                 self._notify_lock.notify_all()
 
     def _apply_locked(
-        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None
+        self, plan: Plan, inventory: Inventory, *, config: Config, seq: int, cdi: CdiUpdate | None,
+        drop_overlay: str | None = None,
     ) -> None:
         """The serving part of _apply, under the daemon's lock."""
         if self.cdi is not None and cdi is not None:
@@ -487,7 +499,12 @@ class Daemon:
             count = len(plan.resource(name).devices)  # type: ignore[union-attr]
             log.info("%s now has %d devices: new list sent to the kubelet", name, count,
                      extra={"resource": name})
-        self.state.set_plan(plan)
+        if drop_overlay is None:
+            self.state.set_plan(plan)
+        else:
+            with self._overlay_lock:
+                self._overlays.pop(drop_overlay, None)
+                self.state.set_plan(plan, overlay=self._merged_overlay())
         self.inventory = inventory
         if diff.options_changed and self._servers:
             log.info("serve options changed: %s", plan.options)

@@ -72,8 +72,9 @@ class MigJobHost(Protocol):
     def phase(self) -> str:
         """`starting`, `running`, or `stopping` (from stop() on)."""
 
-    def reload(self) -> bool:
-        """Read config and node again and serve the new Plan's diff."""
+    def reload(self, *, drop_overlay: str | None = None) -> bool:
+        """Read config and node again and serve the new Plan's diff, dropping the overlay
+        source `drop_overlay` with it."""
 
     def set_health_overlay(self, overlay: dict[str, str], *, source: str) -> None:
         """Publish one source's part of the health overlay."""
@@ -328,13 +329,13 @@ class MigJobRunner:
         drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
-        if self.host.reload():
+        if self.host.reload(drop_overlay=OVERLAY_SOURCE):
             pass
         elif self.host.phase == "stopping":  # the layout is in place: the next start serves it
             self._update(record, "the daemon is stopping: its next start serves the new layout")
         else:
             error = error or "reload: the new plan could not be built (see the daemon log)"
-        drain.end()  # after the new Plan is served: the old devices are gone by now
+        drain.end()  # marks gone with the new Plan (or now, if it was not served); MPS back
         if error:
             self._end(record.finished("failed", error, outcomes))
         else:

@@ -70,10 +70,13 @@ class NodeState:
         """The node-wide version, moved by every plan or overlay change."""
         return self._version
 
-    def set_plan(self, plan: Plan) -> None:
-        """Serve a new Plan; streams of resources whose device list changed are woken."""
+    def set_plan(self, plan: Plan, overlay: Mapping[str, str] | None = None) -> None:
+        """Serve a new Plan (with a new health overlay at the same time, when given); streams
+        of resources whose device list changed are woken."""
         with self._cond:
             self._plan = plan
+            if overlay is not None:
+                self._overlay = dict(overlay)
             self._rebuild()
 
     def set_overlay(self, overlay: Mapping[str, str]) -> None:
