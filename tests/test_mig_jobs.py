@@ -418,8 +418,8 @@ def test_schedule_fire_while_a_job_runs_is_skipped_and_recorded(
     node: Node, kubelet: FakeKubelet
 ) -> None:
     """A schedule entry firing while a requested job drains does not start a job: `mig status`
-    shows the skipped fire, naming the running job, and the running job goes on unharmed (its
-    active-job file stays, the labels say pending)."""
+    shows the skipped fire, naming the running job, once however often the entry fires during
+    it, and the running job goes on unharmed (its active-job file stays, labels pending)."""
     node.apply("all-2g.10gb")
     pid = node.process_on(0)
     node.start(MIXED + f"""migReconfiguration:
@@ -437,6 +437,9 @@ def test_schedule_fire_while_a_job_runs_is_skipped_and_recorded(
                                      "draining) is running"), skipped.reason
     assert store.active_path.exists()
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "pending"}
+    with pytest.raises(JobRefused, match=f"job {job.id} .* is running"):
+        node.runner.submit("all-3g.20gb", source="schedule")  # the entry fires again
+    assert [j.id for j in store.jobs() if j.source == "schedule"] == [skipped.id]
     stop_process(node.state, 0, pid=pid)
     assert node.wait_done(job.id).result == "success"
     kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)

@@ -117,6 +117,7 @@ class MigJobRunner:
         self._node: tuple[str, ...] = ()  # GPU UUIDs by index of the node the job plans for
         self._disabled = ""  # why jobs cannot run (no state directory), or ""
         self._last_gpu = -1  # GPU of the last apply step reported
+        self._skipped: set[tuple[int, str]] = set()  # (running job, config) fires recorded
 
     # --- seams ---------------------------------------------------------------------------------
 
@@ -189,7 +190,10 @@ class MigJobRunner:
                 job = self._current
                 busy = (f"job {job.id} (config {job.config}, {job.phase}) is running; one job "
                         "runs at a time")
-                if source == "schedule":  # nobody waits for the answer: keep it in the history
+                if source == "schedule" and (job.id, config) not in self._skipped:
+                    # nobody waits for the answer: the history keeps it, once per running job
+                    # (an entry firing every minute must not push the real jobs out)
+                    self._skipped.add((job.id, config))
                     skipped = JobRecord(self.store.new_id(), config, source, file_name,
                                         time.time(), refused=True)
                     self.store.save(skipped.finished("failed", f"schedule skipped: {busy}"))
@@ -424,6 +428,7 @@ class MigJobRunner:
                 log.exception("a MIG job listener failed")
         with self._lock:
             self._current = None
+            self._skipped.clear()
             self._changed.notify_all()
 
     # --- restart after a crash -----------------------------------------------------------------
