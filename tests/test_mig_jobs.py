@@ -492,3 +492,26 @@ def test_mps_daemon_comes_back_when_the_drain_fails(node: Node, kubelet: FakeKub
     eventually(lambda: supervisor.daemon("nvidia.com/gpu") is not None)
     assert node.daemon.mps_held == frozenset()
     kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)
+
+
+def test_job_ending_while_the_config_file_is_broken_serves_the_new_devices(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """The config file is broken (a reload failed and the last good config serves) when a job
+    ends: the job still serves the node as it now is, with the config in effect, and succeeds;
+    the MIG devices it destroyed are not advertised (no phantom devices)."""
+    node.apply("all-2g.10gb")
+    pid = node.process_on(0)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 30s}\n")
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    job = node.runner.submit("all-1g.5gb", text=EXAMPLE.read_text())
+    kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24)
+    failures = node.daemon.reload_failures
+    (node.tmp_path / "config.yaml").write_text("version: v1\nflags: {migStrategy: maybe}\n")
+    eventually(lambda: node.daemon.reload_failures > failures)
+    stop_process(node.state, 0, pid=pid)
+    done = node.wait_done(job.id)
+    assert (done.result, done.reason) == ("success", "applied all-1g.5gb")
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+    kubelet.wait_for(lambda: OLD not in kubelet.streaming(), timeout_s=10)
+    assert node.daemon.plan.resource(OLD) is None

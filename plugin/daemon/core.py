@@ -334,12 +334,17 @@ class Daemon:
         log.info("stopped; sockets removed")
         return 0
 
-    def reload(self, *, abandonable: bool = False, drop_overlay: str | None = None) -> bool:
+    def reload(
+        self, *, abandonable: bool = False, drop_overlay: str | None = None,
+        node_changed: bool = False,
+    ) -> bool:
         """Read config and node again and apply the diff; a bad file changes nothing.
 
         `drop_overlay` names a health overlay source dropped together with the new Plan (one
         device list per resource: a MIG job's Unhealthy marks end exactly when its new devices
-        are served); a reload not applied leaves it.
+        are served); a reload not applied leaves it. With `node_changed` (a MIG job changed the
+        GPUs) a bad file does not stop the node from being read again: the config in effect
+        serves the new devices, so no destroyed device stays advertised.
 
         Reloads may overlap (the reload thread, MIG jobs, direct calls): one that finishes after
         a later one has applied its plan is dropped, so the newest read always wins. The file is
@@ -351,8 +356,18 @@ class Daemon:
         with self._lock:
             self._reload_seq += 1
             seq = self._reload_seq
+        config_read = True
         try:
-            config = self._read_config(abandonable)
+            try:
+                config = self._read_config(abandonable)
+            except (SharingError, OSError) as err:
+                if not node_changed or self.config is None:
+                    raise
+                self.reload_failures += 1
+                self.metrics.config_reload(False)
+                log.error("reload of %s failed: %s; the node changed: serving its devices with "
+                          "the config in effect", source, err)
+                config, config_read = self.config, False
             plan, inventory = self._build(config)
         except ReadCancelled:
             log.info("reload of %s abandoned: a newer reload or stop came first", source)
@@ -366,7 +381,8 @@ class Daemon:
             return False
         self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config),
                     drop_overlay=drop_overlay)
-        self.metrics.config_reload(True)
+        if config_read:
+            self.metrics.config_reload(True)
         return True
 
     def restart_servers(self, names: Sequence[str]) -> None:

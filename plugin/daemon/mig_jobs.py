@@ -72,9 +72,10 @@ class MigJobHost(Protocol):
     def phase(self) -> str:
         """`starting`, `running`, or `stopping` (from stop() on)."""
 
-    def reload(self, *, drop_overlay: str | None = None) -> bool:
+    def reload(self, *, drop_overlay: str | None = None, node_changed: bool = False) -> bool:
         """Read config and node again and serve the new Plan's diff, dropping the overlay
-        source `drop_overlay` with it."""
+        source `drop_overlay` with it; `node_changed`: a bad config file leaves the config in
+        effect, the node is still read again."""
 
     def set_health_overlay(self, overlay: dict[str, str], *, source: str) -> None:
         """Publish one source's part of the health overlay."""
@@ -333,7 +334,7 @@ class MigJobRunner:
         drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
-        if self.host.reload(drop_overlay=OVERLAY_SOURCE):
+        if self.host.reload(drop_overlay=OVERLAY_SOURCE, node_changed=True):
             pass
         elif self.host.phase == "stopping":  # the layout is in place: the next start serves it
             self._update(record, "the daemon is stopping: its next start serves the new layout")
