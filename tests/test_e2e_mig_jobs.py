@@ -426,3 +426,32 @@ def test_config_reload_removing_mig_reconfiguration_mid_job(node: Node) -> None:
     [job] = node.status()["jobs"]
     assert (job["result"], job["file"]) == ("success", str(EXAMPLE))
     assert daemon.poll() is None
+
+
+def test_sigkill_while_draining_is_recorded_failed_at_the_next_start(node: Node) -> None:
+    """SIGKILL while the job drains (no chance to clean up): the next daemon records the job
+    failed with nothing changed, serves the old devices Healthy and can run the next job."""
+    nvml = Nvml(SimNvml(node.state))
+    nvml.init()
+    mig = read_inventory(nvml).gpu(1).mig_devices[0]
+    nvml.shutdown()
+    pid = start_process(node.state, 1, mig.gi_id, mig.ci_id)
+    node.start(MIXED + "migReconfiguration: {drainTimeout: 60s}\n")
+    node.wait_serving(OLD, 24)
+    request = _start_request(node, "all-1g.5gb")
+    node.kubelet.wait_for_list(OLD, lambda x: len(x.unhealthy_ids) == 24, timeout_s=30)
+    assert node.process is not None
+    node.process.kill()
+    node.process.wait(10)
+    request.communicate(timeout=10)
+    node.kubelet.restart()
+    node.start(MIXED)
+    node.wait_serving(OLD, 24)
+    [job] = node.status()["jobs"]
+    assert (job["result"], job["reason"]) == (
+        "failed", "the daemon stopped while the job was draining; nothing was changed")
+    assert node.asserts("all-2g.10gb").returncode == 0
+    stop_process(node.state, 1, pid=pid)
+    done = node.reconfigure("-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    node.wait_serving(NEW, 56)
