@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,10 +38,13 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def gpushare(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a gpushare command as its own process."""
-    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout_s)
+def gpushare(
+    *args: str, timeout_s: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a gpushare command as its own process (`env`: variables added to its environment)."""
+    return subprocess.run([sys.executable, "-m", "plugin.cli", *args], cwd=ROOT,
+                          env={**child_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout_s)
 
 
 def apply_layout(state: Path, config: str, journal: Path) -> None:
@@ -430,7 +434,8 @@ def test_config_reload_removing_mig_reconfiguration_mid_job(node: Node) -> None:
 
 def test_sigkill_while_draining_is_recorded_failed_at_the_next_start(node: Node) -> None:
     """SIGKILL while the job drains (no chance to clean up): the next daemon records the job
-    failed with nothing changed, serves the old devices Healthy and can run the next job."""
+    failed with nothing changed, serves the old devices Healthy and can run the next job, whose
+    id is new (the history keeps both); `mig status` lists them newest first."""
     nvml = Nvml(SimNvml(node.state))
     nvml.init()
     mig = read_inventory(nvml).gpu(1).mig_devices[0]
@@ -455,3 +460,17 @@ def test_sigkill_while_draining_is_recorded_failed_at_the_next_start(node: Node)
     done = node.reconfigure("-c", "all-1g.5gb", "-f", str(EXAMPLE), "--wait")
     assert done.returncode == 0, done.stdout + done.stderr
     node.wait_serving(NEW, 56)
+    table = gpushare("mig", "status", "--control-socket", str(node.socket), env={"TZ": "UTC"})
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[:3] == ["config file: (none; requests must pass -f FILE)",
+                         "drain timeout: 300 s, kill processes: no", "schedule: (none)"]
+    assert len(lines) == 7, table.stdout
+    head, newest, oldest = lines[4:]
+    assert head.split() == ["JOB", "CONFIG", "SOURCE", "STARTED", "TOOK", "RESULT", "GPUS",
+                            "REASON"]
+    assert re.fullmatch(r"2 +all-1g\.5gb +request +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC +"
+                        r"[\d.]+ s +success +0-7 reconfigured +applied all-1g\.5gb", newest), newest
+    assert re.fullmatch(r"1 +all-1g\.5gb +request +.* UTC +[\d.]+ s +failed +0-7 untouched +"
+                        r"the daemon stopped while the job was draining; nothing was changed",
+                        oldest), oldest

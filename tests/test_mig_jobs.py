@@ -322,6 +322,8 @@ def test_history_is_bounded_persisted_and_survives_corruption(tmp_path: Path) ->
     again.open()
     assert [j.id for j in again.jobs()] == [3, 4, 5]
     assert again.new_id() == 6
+    again.save(JobRecord(9, "c", "request", "f", 1.0).finished("failed", "from an active file"))
+    assert again.new_id() == 10  # an id a previous daemon handed out is never reused
     again.history_path.write_text("{not json")
     third = JobStore(tmp_path / "s", keep=3)
     third.open()

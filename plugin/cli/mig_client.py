@@ -172,7 +172,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _row(job: dict[str, Any]) -> tuple[str, ...]:
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["started_at"]))
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(job["started_at"]))
     took = f"{job['ended_at'] - job['started_at']:.1f} s" if job.get("ended_at") else "-"
     result = job["result"] if job["result"] != "running" else f"running ({job['phase']})"
     reason = job.get("reason", "")

@@ -215,6 +215,8 @@ class JobStore:
     def save(self, record: JobRecord) -> None:
         """Add or replace a job record and write the history (keeping the last `keep`)."""
         with self._lock:
+            # a job a previous daemon started (its id never reached the file) is not reused
+            self._next_id = max(self._next_id, record.id + 1)
             self._jobs = [j for j in self._jobs if j.id != record.id] + [record]
             self._jobs.sort(key=lambda j: j.id)
             self._jobs = self._jobs[-self.keep:]
