@@ -474,3 +474,24 @@ def test_sigkill_while_draining_is_recorded_failed_at_the_next_start(node: Node)
     assert re.fullmatch(r"1 +all-1g\.5gb +request +.* UTC +[\d.]+ s +failed +0-7 untouched +"
                         r"the daemon stopped while the job was draining; nothing was changed",
                         oldest), oldest
+
+
+def test_a_tz_naming_no_time_zone_is_one_line_at_start(tmp_path: Path, kubelet_dir: Path) -> None:
+    """TZ set to no time zone (the schedule's cron times are read in it): `gpushare run` stops at
+    start with one line naming TZ and its value, exit 2, instead of a traceback."""
+    state = tmp_path / "node"
+    create_state("dgx-a100", state)
+    with short_dir("gs-tz-") as base:
+        done = subprocess.run(
+            [sys.executable, "-m", "plugin.cli", "run", "--node", str(state), "--kubelet-dir",
+             str(kubelet_dir), "--control-socket", str(base / "c.sock"), "--state-dir",
+             str(tmp_path / "state"), "--labels-file", str(tmp_path / "gfd")],
+            cwd=ROOT, env={**child_env(), "TZ": "Mars/Olympus"}, capture_output=True, text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "gpushare run: TZ='Mars/Olympus' is not a time zone: set an IANA name such as "
+        "Europe/Berlin or UTC, or unset it for /etc/localtime (the MIG schedule's cron times "
+        "are read in it)")
+    assert "Traceback" not in done.stderr

@@ -11,15 +11,18 @@ naming the entries states along with each entry's next fire time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfoNotFoundError
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from plugin.daemon.mig_jobs import JobRefused, MigJobRunner
 from sharing.config_models import MigScheduleEntry
 from sharing.cron import cron_trigger
+from sharing.errors import ConfigError
 
 log = logging.getLogger("gpushare.mig.schedule")
 
@@ -30,9 +33,21 @@ class MigScheduler:
     """Fires the configured schedule entries; a daemon Component and plan listener."""
 
     def __init__(self, runner: MigJobRunner, *, timezone: Any = None) -> None:
+        """`timezone` None: the local one (TZ, else /etc/localtime).
+
+        Raises:
+            ConfigError: TZ names no time zone.
+        """
         self.runner = runner
         kwargs = {"timezone": timezone} if timezone is not None else {}
-        self._scheduler = BackgroundScheduler(**kwargs)
+        try:
+            self._scheduler = BackgroundScheduler(**kwargs)
+        except ZoneInfoNotFoundError:  # the local zone: TZ names none
+            raise ConfigError(
+                f"TZ={os.environ.get('TZ', '')[:64]!r} is not a time zone: set an IANA name "
+                "such as Europe/Berlin or UTC, or unset it for /etc/localtime (the MIG "
+                "schedule's cron times are read in it)"
+            ) from None
         self._entries: tuple[MigScheduleEntry, ...] = ()
         self._lock = threading.Lock()
         self._logged = False  # a schedule was logged (so its removal is logged too)
