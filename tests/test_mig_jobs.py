@@ -339,8 +339,9 @@ MPS_ON_ALL = "version: v1\nsharing: {mps: {resources: [{name: nvidia.com/gpu, re
 def test_reload_during_the_drain_keeps_the_mps_daemon_stopped(
     node: Node, kubelet: FakeKubelet
 ) -> None:
-    """A config reload (or SIGHUP) while a job drains does not start the MPS daemon the drain
-    stopped: its MPS server would be a compute process on the GPU being drained again."""
+    """A config reload (or SIGHUP) while a job drains does not start an MPS daemon on the GPU
+    being drained, not even under a new resource name: its MPS server would be a compute
+    process there again."""
     node.start(MPS_ON_ALL)
     supervisor = node.daemon.mps_supervisor
     kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16)
@@ -348,15 +349,19 @@ def test_reload_during_the_drain_keeps_the_mps_daemon_stopped(
     job = node.runner.submit("gpu7-3g", text=GPU7_3G)
     eventually(lambda: supervisor.daemon("nvidia.com/gpu") is None)
     assert node.daemon.reload()
+    (node.tmp_path / "config.yaml").write_text(MPS_ON_ALL.replace(
+        "replicas: 2", "replicas: 2, rename: nvidia.com/gpu.shared"))
+    assert node.daemon.reload()
+    assert node.daemon.plan.resource("nvidia.com/gpu.shared") is not None
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
-        assert supervisor.daemon("nvidia.com/gpu") is None, "MPS daemon started mid-drain"
+        assert supervisor.healthy() == {}, "MPS daemon started mid-drain"
         time.sleep(0.02)
-    assert len(kubelet.latest("nvidia.com/gpu").unhealthy_ids) == 16
     stop_process(node.state, 7, pid=pid)
     assert node.wait_done(job.id).result == "success"
-    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)
-    eventually(lambda: supervisor.daemon("nvidia.com/gpu") is not None)
+    kubelet.wait_for_list("nvidia.com/gpu.shared", lambda x: len(x.healthy_ids) == 16,
+                          timeout_s=15)
+    eventually(lambda: supervisor.daemon("nvidia.com/gpu.shared") is not None)
 
 
 def test_reload_during_the_apply_serves_no_half_made_device_healthy(

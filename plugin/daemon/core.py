@@ -101,7 +101,7 @@ class Daemon:
         self._mps_control = mps_control
         self._mps_compute_mode = mps_compute_mode
         self.mps_supervisor: Any = None
-        self.mps_held: frozenset[str] = frozenset()  # MPS daemons a MIG job's drain keeps down
+        self.mps_held: frozenset[str] = frozenset()  # GPUs a MIG job drains: no MPS daemon
         self.mig_jobs: Any = None  # plugin.daemon.mig_jobs.MigJobRunner, when added
         self._servers: dict[str, PluginServer] = {}
         self._restart_errors: dict[str, str] = {}  # resource -> last restart error logged

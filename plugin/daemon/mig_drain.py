@@ -74,13 +74,13 @@ class Drain:
         served = {k: self.reason for k in keys}
         served.update({mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped})
         self._served = served
-        self.host.mps_held = stopped
+        self.host.mps_held = frozenset(self.gpus)
         overlay = {**{uuid: self.reason for uuid in self.gpus}, **served}
         self.host.set_health_overlay(overlay, source=OVERLAY_SOURCE)
         self._progress(f"{len(keys)} physical devices Unhealthy at the kubelet")
         supervisor = self.host.mps_supervisor
         if supervisor is not None and stopped:
-            supervisor.update(without_held(plan, stopped))
+            supervisor.update(without_held(plan, self.host.mps_held))
             self._progress(f"stopped the MPS daemons of {', '.join(sorted(stopped))}")
 
     def wait(self, nvml: Nvml, timeout_s: float, kill_processes: bool) -> None:

@@ -33,7 +33,7 @@ class MpsHost(Protocol):
     """What the wiring needs from plugin.daemon.Daemon."""
 
     nvml: Any
-    mps_held: frozenset[str]  # resources whose MPS daemons stay stopped (a MIG job's drain)
+    mps_held: frozenset[str]  # GPU UUIDs no MPS daemon may run on (a MIG job's drain)
 
     @property
     def plan(self) -> Plan:
@@ -69,7 +69,7 @@ def add_mps_supervisor(
     restarted: Callable[[str], None] | None = None,
 ) -> MpsSupervisor:
     """Create the supervisor for the daemon's current Plan and have it follow every new one,
-    leaving out the resources in `daemon.mps_held` (a MIG job drains their GPUs)."""
+    leaving out the MPS resources on the GPUs in `daemon.mps_held` (a MIG job drains them)."""
     supervisor = MpsSupervisor(
         control_binary=control, down=health.mps_down, up=health.mps_up, nvml=daemon.nvml, env=env,
         compute_mode=compute_mode,
@@ -86,7 +86,9 @@ def add_mps_supervisor(
 
 
 def without_held(plan: Plan, held: frozenset[str]) -> Plan:
-    """`plan` as the MPS supervisor should run it: the held resources' daemons stay stopped."""
+    """`plan` as the MPS supervisor should run it: no MPS daemon on the held GPUs (UUIDs),
+    whatever its resource is called (a reload may rename it)."""
     if not held:
         return plan
-    return replace(plan, resources=tuple(r for r in plan.resources if r.name not in held))
+    kept = tuple(r for r in plan.resources if not (r.mps and held & set(r.mps.gpu_uuids)))
+    return replace(plan, resources=kept)
