@@ -522,3 +522,30 @@ def test_job_ending_while_the_config_file_is_broken_serves_the_new_devices(
     kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
     kubelet.wait_for(lambda: OLD not in kubelet.streaming(), timeout_s=10)
     assert node.daemon.plan.resource(OLD) is None
+
+
+def test_a_layout_the_config_cannot_serve_leaves_no_phantom_device_healthy(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """migStrategy single and a job to a mixed layout: the new node cannot be served with this
+    config. The job fails saying why, the destroyed devices stay Unhealthy at the kubelet (not
+    advertised Healthy as if they still existed) until a config that serves the node is loaded."""
+    node.apply("all-1g.5gb")
+    node.start("version: v1\nflags: {migStrategy: single}\n")
+    kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 56)
+    job = node.runner.submit("all-balanced", text=EXAMPLE.read_text())
+    done = node.wait_done(job.id)
+    assert done.result == "failed"
+    assert done.reason.startswith("the new layout cannot be served with the config in effect: "
+                                  ), done.reason
+    assert "migStrategy single" in done.reason, done.reason
+    assert done.reason.endswith("the devices it replaced stay Unhealthy until a config that "
+                                "serves the node is loaded"), done.reason
+    assert {g.outcome for g in done.gpus} == {"reconfigured"}
+    time.sleep(0.3)
+    latest = kubelet.latest("nvidia.com/gpu")
+    assert (len(latest.healthy_ids), len(latest.unhealthy_ids)) == (0, 56)
+    (node.tmp_path / "config.yaml").write_text(MIXED)
+    kubelet.wait_for_list("nvidia.com/mig-3g.20gb", lambda x: len(x.healthy_ids) == 8,
+                          timeout_s=15)
+    kubelet.wait_for(lambda: "nvidia.com/gpu" not in kubelet.streaming(), timeout_s=15)

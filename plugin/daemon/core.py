@@ -95,6 +95,7 @@ class Daemon:
         self.config: Config | None = None
         self.nvml: Nvml | None = None
         self.reload_failures = 0
+        self.reload_error = ""  # why the last reload failed ("" after one that applied)
         self._nvml_lib = nvml_lib
         self._env = dict(env)
         self._overrides = dict(overrides)
@@ -374,11 +375,13 @@ class Daemon:
             return False
         except (SharingError, OSError) as err:
             self.reload_failures += 1
+            self.reload_error = str(err)
             self.metrics.config_reload(False)
             # A config error starts with the file's path, which this line names already.
             log.error("reload of %s failed: %s", source,
                       str(err).removeprefix(f"{source}: ").replace(f"\n{source}: ", "\n"))
             return False
+        self.reload_error = ""
         self._apply(plan, inventory, config=config, seq=seq, cdi=self._cdi_for(plan, config),
                     drop_overlay=drop_overlay)
         if config_read:

@@ -24,6 +24,7 @@ from sharing.nvml import Nvml, read_inventory
 from sharing.plan_types import Plan
 
 OVERLAY_SOURCE = "mig-job"
+STALE_SOURCE = "mig-stale"  # devices a job destroyed that no Plan could replace yet
 DRAIN_POLL_S = 0.1
 KILL_GRACE_S = 10.0  # after a signal, how long processes get to vanish
 
@@ -59,6 +60,7 @@ class Drain:
         self._poll_s = poll_s
         self._kill_grace_s = kill_grace_s
         self._served: dict[str, str] = {}  # overlay of the devices served before the job
+        self._before: Plan | None = None  # the Plan served when the drain began
 
     def begin(self) -> None:
         """Mark the GPUs Unhealthy and stop our MPS daemons on them (every device of such an
@@ -68,6 +70,7 @@ class Drain:
         the job has made is Unhealthy too if a reload (config edit, SIGHUP) serves the GPU
         half-way; the MPS daemons stay held (`host.mps_held`) across such reloads."""
         plan: Plan = self.host.plan
+        self._before = plan
         keys = overlay_keys(plan, set(self.gpus))
         stopped = frozenset(r.name for r in plan.resources
                             if r.mps and set(self.gpus) & set(r.mps.gpu_uuids))
@@ -117,6 +120,12 @@ class Drain:
         before the job stay Unhealthy until that Plan replaces them."""
         self.host.mps_held = frozenset()
         self.host.set_health_overlay(self._served, source=OVERLAY_SOURCE)
+
+    def stale(self, gpu_uuids: set[str], reason: str) -> None:
+        """No new Plan could be served after these GPUs changed: their old devices, which no
+        longer exist, stay Unhealthy (source STALE_SOURCE, dropped by the next Plan served)."""
+        keys = overlay_keys(self._before, gpu_uuids) if self._before is not None else set()
+        self.host.set_health_overlay({k: reason for k in keys}, source=STALE_SOURCE)
 
     def undo(self) -> None:
         """Devices Healthy again and the MPS daemons back, as before the drain."""
@@ -168,5 +177,5 @@ def describe(busy: Busy) -> str:
     )
 
 
-__all__ = ["OVERLAY_SOURCE", "Drain", "DrainCancelled", "ProcessKiller", "describe",
+__all__ = ["OVERLAY_SOURCE", "STALE_SOURCE", "Drain", "DrainCancelled", "ProcessKiller", "describe",
            "overlay_keys", "processes"]

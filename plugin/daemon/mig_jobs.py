@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from plugin.daemon.mig_drain import (
     DRAIN_POLL_S,
     OVERLAY_SOURCE,
+    STALE_SOURCE,
     Drain,
     DrainCancelled,
     ProcessKiller,
@@ -80,6 +81,9 @@ class MigJobHost(Protocol):
     def set_health_overlay(self, overlay: dict[str, str], *, source: str) -> None:
         """Publish one source's part of the health overlay."""
 
+    def add_plan_listener(self, listener: Callable[..., None]) -> None:
+        """Call `listener(plan, inventory)` after every applied Plan."""
+
 
 @dataclass(frozen=True)
 class JobSettings:
@@ -119,6 +123,7 @@ class MigJobRunner:
         self._disabled = ""  # why jobs cannot run (no state directory), or ""
         self._last_gpu = -1  # GPU of the last apply step reported
         self._skipped: set[tuple[int, str]] = set()  # (running job, config) fires recorded
+        host.add_plan_listener(self._plan_served)
 
     # --- seams ---------------------------------------------------------------------------------
 
@@ -171,6 +176,10 @@ class MigJobRunner:
         if path is not None and not path.is_absolute() and self.host.config_path is not None:
             path = Path(self.host.config_path).parent / path
         return JobSettings(path, section.drain_timeout_s, section.kill_processes)
+
+    def _plan_served(self, _plan: object = None, _inventory: object = None) -> None:
+        """A Plan read after the node changed is served: no device a job destroyed is left."""
+        self.host.set_health_overlay({}, source=STALE_SOURCE)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -339,7 +348,13 @@ class MigJobRunner:
         elif self.host.phase == "stopping":  # the layout is in place: the next start serves it
             self._update(record, "the daemon is stopping: its next start serves the new layout")
         else:
-            error = error or "reload: the new plan could not be built (see the daemon log)"
+            why = getattr(self.host, "reload_error", "") or "see the daemon log"
+            changed = {o.uuid for o in outcomes if o.outcome in ("reconfigured", "failed")}
+            if changed:
+                drain.stale(changed, f"MIG job {record.id} changed this GPU; no plan serves it")
+            error = (f"the new layout cannot be served with the config in effect: {why}; the "
+                     "devices it replaced stay Unhealthy until a config that serves the node is "
+                     f"loaded{'; ' + error if error else ''}")
         drain.end()  # marks gone with the new Plan (or now, if it was not served); MPS back
         if error:
             self._end(record.finished("failed", error, outcomes))
