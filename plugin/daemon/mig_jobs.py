@@ -56,6 +56,10 @@ class JobRefused(Exception):
     """A job request the runner turns down (busy, unknown config, infeasible, no file)."""
 
 
+class _Interrupted(Exception):
+    """The daemon stops during an apply: it ends after the step in progress, journalled."""
+
+
 class MigJobHost(Protocol):
     """What the runner needs from plugin.daemon.core.Daemon."""
 
@@ -289,7 +293,9 @@ class MigJobRunner:
                 return found[0]
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuse new jobs; a draining job fails at once, an applying one gets `timeout_s`."""
+        """Refuse new jobs; a draining job fails at once, an applying one stops after the step
+        in progress (its journal says how far it got: the next start rolls it forward and
+        records how the job ended); waits up to `timeout_s` for the job's thread."""
         self._stopping.set()
         thread = self._thread
         if thread is not None:
@@ -339,7 +345,12 @@ class MigJobRunner:
         self, record: JobRecord, nvml: Nvml, plan: MigPlan, text: str, drain: Drain
     ) -> None:
         """Apply, verify, reload and record; the devices come back with the new Plan."""
-        outcomes, error = self._apply(record, nvml, plan, text)
+        try:
+            outcomes, error = self._apply(record, nvml, plan, text)
+        except _Interrupted:
+            self._update(record, "the daemon is stopping: the apply stopped after its last "
+                         "journalled step; the next start rolls it forward")
+            return  # the active-job file stays: the next start closes the job
         drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
@@ -395,7 +406,13 @@ class MigJobRunner:
 
     def _step(self, record: JobRecord, event: StepEvent) -> None:
         """Progress for clients: each GPU's first step, and every failed one (the apply engine
-        logs every step itself)."""
+        logs every step itself). Once the daemon stops, the apply ends after this step.
+
+        Raises:
+            _Interrupted: the daemon is stopping and this step has ended (journalled).
+        """
+        if event.phase != "started" and self._stopping.is_set():
+            raise _Interrupted
         if event.phase == "failed":
             self._update(record, f"{event.step.describe()} failed: {event.error}", log_it=False)
         elif event.phase == "started" and event.step.gpu != self._last_gpu:
