@@ -549,3 +549,24 @@ def test_a_layout_the_config_cannot_serve_leaves_no_phantom_device_healthy(
     kubelet.wait_for_list("nvidia.com/mig-3g.20gb", lambda x: len(x.healthy_ids) == 8,
                           timeout_s=15)
     kubelet.wait_for(lambda: "nvidia.com/gpu" not in kubelet.streaming(), timeout_s=15)
+
+
+def test_a_schedule_fire_refused_before_planning_is_in_the_history(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """The schedule fires but configFile is gone: the refusal is in `mig status` (nobody waits
+    for a scheduled job's answer), naming the file; nothing is touched."""
+    missing = node.tmp_path / "moved-away.yaml"
+    node.start(MIXED + f"""migReconfiguration:
+  configFile: {missing}
+  schedule: [{{cron: "{_cron_in(2)}", config: all-1g.5gb}}]
+""")
+    kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"])
+    store = node.runner.store
+    eventually(lambda: bool(store.jobs()), timeout_s=15)
+    [job] = store.jobs()
+    assert (job.source, job.config, job.result, job.refused) == (
+        "schedule", "all-1g.5gb", "failed", True)
+    assert job.file == str(missing)
+    assert job.reason.startswith(f"refused: {missing}: "), job.reason
+    assert node.labels() == {}

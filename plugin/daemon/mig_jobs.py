@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from plugin.daemon.mig_drain import (
     DRAIN_POLL_S,
@@ -218,17 +218,17 @@ class MigJobRunner:
                 raise JobRefused(f"MIG reconfiguration jobs are disabled: {self._disabled}")
             nvml = self.host.nvml
             if nvml is None:
-                raise JobRefused("NVML is unavailable on this node: no MIG job can run")
+                self._refuse_fire(source, config, file_name,
+                                  "NVML is unavailable on this node: no MIG job can run")
             if text is None:
                 path = self.settings().config_file
                 if path is None:
-                    raise JobRefused(
-                        "no mig-parted file: pass -f FILE or set migReconfiguration.configFile"
-                    )
+                    self._refuse_fire(source, config, file_name, "no mig-parted file: pass -f "
+                                      "FILE or set migReconfiguration.configFile")
                 try:
                     text, file_name = read_mig_file(path), str(path)
                 except SharingError as err:
-                    raise JobRefused(str(err)) from None
+                    self._refuse_fire(source, config, str(path), str(err))
             record = JobRecord(self.store.new_id(), config, source, file_name, time.time())
             self._current, self._events = record, []
         try:
@@ -263,6 +263,19 @@ class MigJobRunner:
         )
         self._thread.start()
         return record
+
+    def _refuse_fire(self, source: str, config: str, file_name: str, reason: str) -> NoReturn:
+        """Refuse a request; a schedule's fire (nobody waits for its answer) is recorded in the
+        history as well, like a refused plan.
+
+        Raises:
+            JobRefused: always, saying `reason`.
+        """
+        if source == "schedule":
+            record = JobRecord(self.store.new_id(), config, source, file_name, time.time(),
+                               refused=True)
+            self.store.save(record.finished("failed", f"refused: {reason}"))
+        raise JobRefused(reason)
 
     def watch(self, job_id: int, emit: Callable[[str], None], timeout_s: float | None) -> JobRecord:
         """Send the job's progress lines to `emit` until it ends; returns its final record.
