@@ -233,7 +233,7 @@ def test_mps_daemon_of_a_changed_gpu_stops_during_the_drain(
     stop_process(node.state, 7, pid=pid)
     assert node.wait_done(job.id).result == "success"
     kubelet.wait_for_list("nvidia.com/gpu", lambda x: len(x.healthy_ids) == 16, timeout_s=15)
-    assert supervisor.daemon("nvidia.com/gpu") is not None
+    assert supervisor.healthy() == {"nvidia.com/gpu": True}  # Healthy only once MPS runs
 
 
 def test_daemon_stop_during_the_drain(node: Node, kubelet: FakeKubelet) -> None:

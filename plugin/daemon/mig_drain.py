@@ -25,6 +25,8 @@ from sharing.plan_types import Plan
 
 OVERLAY_SOURCE = "mig-job"
 STALE_SOURCE = "mig-stale"  # devices a job destroyed that no Plan could replace yet
+MPS_SOURCE = "mig-job-mps"  # MPS resources whose daemons a job stopped, until they run again
+MPS_RESTART_WAIT_S = 30.0
 DRAIN_POLL_S = 0.1
 KILL_GRACE_S = 10.0  # after a signal, how long processes get to vanish
 
@@ -61,6 +63,7 @@ class Drain:
         self._kill_grace_s = kill_grace_s
         self._served: dict[str, str] = {}  # overlay of the devices served before the job
         self._before: Plan | None = None  # the Plan served when the drain began
+        self._stopped: frozenset[str] = frozenset()  # MPS resources whose daemons it stopped
 
     def begin(self) -> None:
         """Mark the GPUs Unhealthy and stop our MPS daemons on them (every device of such an
@@ -75,9 +78,11 @@ class Drain:
         stopped = frozenset(r.name for r in plan.resources
                             if r.mps and set(self.gpus) & set(r.mps.gpu_uuids))
         served = {k: self.reason for k in keys}
-        served.update({mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped})
-        self._served = served
+        self._served, self._stopped = served, stopped
         self.host.mps_held = frozenset(self.gpus)
+        self.host.set_health_overlay(
+            {mps_key(name): f"{self.reason}: MPS daemon stopped" for name in stopped},
+            source=MPS_SOURCE)
         overlay = {**{uuid: self.reason for uuid in self.gpus}, **served}
         self.host.set_health_overlay(overlay, source=OVERLAY_SOURCE)
         self._progress(f"{len(keys)} physical devices Unhealthy at the kubelet")
@@ -132,11 +137,21 @@ class Drain:
         self.end()
 
     def end(self) -> None:
-        """Drop the drain's Unhealthy marks and MPS hold (after the new Plan is served)."""
+        """Drop the drain's Unhealthy marks and MPS hold (after the new Plan is served); the
+        MPS resources it stopped stay Unhealthy until their daemons run again (or fail to
+        start, which the supervisor reports itself), at most MPS_RESTART_WAIT_S."""
         self.host.mps_held = frozenset()
         self.host.set_health_overlay({}, source=OVERLAY_SOURCE)
-        if self.host.mps_supervisor is not None:
-            self.host.mps_supervisor.update(self.host.plan)
+        supervisor = self.host.mps_supervisor
+        if supervisor is not None:
+            supervisor.update(self.host.plan)
+            served = {r.name for r in self.host.plan.resources if r.mps}
+            waiting = self._stopped & served
+            deadline = time.monotonic() + MPS_RESTART_WAIT_S
+            while (waiting and not self._stopping.is_set() and time.monotonic() < deadline
+                   and any(supervisor.healthy().get(name) is None for name in waiting)):
+                self._stopping.wait(self._poll_s)
+        self.host.set_health_overlay({}, source=MPS_SOURCE)
 
     def _signal(self, busy: Busy, force: bool) -> None:
         assert self._kill is not None
@@ -177,5 +192,5 @@ def describe(busy: Busy) -> str:
     )
 
 
-__all__ = ["OVERLAY_SOURCE", "STALE_SOURCE", "Drain", "DrainCancelled", "ProcessKiller", "describe",
-           "overlay_keys", "processes"]
+__all__ = ["MPS_SOURCE", "OVERLAY_SOURCE", "STALE_SOURCE", "Drain", "DrainCancelled",
+           "ProcessKiller", "describe", "overlay_keys", "processes"]

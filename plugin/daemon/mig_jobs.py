@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Protocol
 
 from plugin.daemon.mig_drain import (
     DRAIN_POLL_S,
+    MPS_SOURCE,
     OVERLAY_SOURCE,
     STALE_SOURCE,
     Drain,
@@ -324,6 +325,7 @@ class MigJobRunner:
             log.exception("MIG job %d failed unexpectedly", record.id)
             self.host.mps_held = frozenset()
             self.host.set_health_overlay({}, source=OVERLAY_SOURCE)
+            self.host.set_health_overlay({}, source=MPS_SOURCE)
             if self.host.mps_supervisor is not None:
                 self.host.mps_supervisor.update(self.host.plan)
             if self._current is not None and self._current.id == record.id:
