@@ -182,8 +182,7 @@ def test_drain_timeout_labels_failed(node: Node, kubelet: FakeKubelet) -> None:
     assert "processes still running after 0.2 s: GPU 3: pid" in done.reason
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "failed"}
     assert (node.mig_jobs_counted("success"), node.mig_jobs_counted("failed")) == (0, 1)
-    assert kubelet.latest(OLD) is not None
-    assert len(kubelet.latest(OLD).healthy_ids) == 24
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)  # the stream is async
 
 
 def test_kill_processes_after_the_drain_timeout(node: Node, kubelet: FakeKubelet) -> None:
