@@ -272,7 +272,7 @@ class MpsControlDaemon:
         try:
             warning = _check_root(self.mps_root)
             if warning is not None and not self._root_warned:
-                log.warning("%s", warning)  # once per daemon, not at every restart
+                log.warning("%s", warning, extra={"resource": self.spec.resource})  # once
                 self._root_warned = True
             _make_dir(os.path.dirname(pipe), RESOURCE_DIR_MODE)
             _make_dir(pipe, PIPE_DIR_MODE)
@@ -352,7 +352,8 @@ class MpsControlDaemon:
                 "(is the NVIDIA driver installed? see --mps-control)"
             ) from err
         log.info("%s: MPS control daemon started (pid %d) on GPUs %s", self.spec.resource,
-                 self._process.pid, ",".join(self.spec.gpu_uuids))
+                 self._process.pid, ",".join(self.spec.gpu_uuids),
+                 extra={"resource": self.spec.resource})
 
     def _rotate_logs(self) -> None:
         """MPS appends to its logs and never trims them: before each start (no daemon writes
@@ -363,11 +364,12 @@ class MpsControlDaemon:
                 if os.lstat(path).st_size > MAX_MPS_LOG:
                     os.replace(path, f"{path}.1")
                     log.info("%s: %s moved to %s.1 (larger than %d MiB)", self.spec.resource,
-                             path, name, MAX_MPS_LOG >> 20)
+                             path, name, MAX_MPS_LOG >> 20, extra={"resource": self.spec.resource})
             except FileNotFoundError:
                 continue
             except OSError as err:
-                log.warning("%s: cannot rotate %s: %s", self.spec.resource, path, err)
+                log.warning("%s: cannot rotate %s: %s", self.spec.resource, path, err,
+                            extra={"resource": self.spec.resource})
 
     def _wait_ready(self) -> None:
         """Wait for the pid file, then for an answer; fail early when the child exits."""
@@ -420,16 +422,17 @@ class MpsControlDaemon:
         try:
             self.command(["quit"])
             log.info("%s: asked a control daemon left by an earlier run to quit",
-                     self.spec.resource)
+                     self.spec.resource, extra={"resource": self.spec.resource})
         except MpsDaemonError as err:
             if stale is not None:
                 log.warning("%s: control daemon %d left by an earlier run did not take `quit` "
-                            "(%s)", self.spec.resource, stale, err)
+                            "(%s)", self.spec.resource, stale, err,
+                            extra={"resource": self.spec.resource})
         if stale is None or _gone(stale, self._stop_s):
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
             log.warning("%s: control daemon %d left by an earlier run still runs; sending %s",
-                        self.spec.resource, stale, sig.name)
+                        self.spec.resource, stale, sig.name, extra={"resource": self.spec.resource})
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stale, sig)
             if _gone(stale, self._stop_s):
@@ -447,7 +450,7 @@ class MpsControlDaemon:
             return
         except (MpsDaemonError, subprocess.TimeoutExpired) as err:
             log.warning("%s: control daemon did not quit (%s); terminating it",
-                        self.spec.resource, err)
+                        self.spec.resource, err, extra={"resource": self.spec.resource})
         process.terminate()
         try:
             process.wait(timeout=self._stop_s)
@@ -486,7 +489,7 @@ class MpsControlDaemon:
             except NvmlError as err:
                 found.append(f"GPU {index} unknown ({err})")
         log.info("%s: compute mode left as it is (policy leave): %s", self.spec.resource,
-                 ", ".join(found))
+                 ", ".join(found), extra={"resource": self.spec.resource})
 
     def _restore_compute_modes(self) -> None:
         if self._nvml is None:
@@ -498,4 +501,6 @@ class MpsControlDaemon:
             try:
                 set_compute_mode(self._nvml, index, mode)
             except NvmlError as err:
-                log.warning("restoring GPU %d compute mode %s: %s", index, mode.name, err)
+                log.warning("%s: restoring GPU %d compute mode %s: %s", self.spec.resource,
+                            index, mode.name, err, extra={"resource": self.spec.resource,
+                                                          "gpu": index})

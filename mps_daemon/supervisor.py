@@ -140,7 +140,7 @@ class MpsSupervisor:
             thread.join()
         for name, entry in entries:
             entry.daemon.stop()  # the process is gone; this restores the compute modes
-            log.info("%s: MPS control daemon stopped", name)
+            log.info("%s: MPS control daemon stopped", name, extra={"resource": name})
 
     def daemon(self, resource: str) -> MpsControlDaemon | None:
         """The control daemon of a resource, or None (for inspection)."""
@@ -184,7 +184,8 @@ class MpsSupervisor:
             entry = self._entries[name]
             entry.daemon.stop()
             del self._entries[name]
-            log.info("%s: MPS control daemon stopped (the resource left the plan)", name)
+            log.info("%s: MPS control daemon stopped (the resource left the plan)", name,
+                     extra={"resource": name})
             if entry.up is False:
                 self._up(name)
         for name, spec in wanted.items():
@@ -195,7 +196,7 @@ class MpsSupervisor:
                 changed = _changed_fields(entry.daemon.spec, spec) or ["mpsRoot"]
                 log.info("%s: MPS spec changed (%s): restarting its control daemon, since a new "
                          "default limit applies only to the next MPS server", name,
-                         ", ".join(changed))
+                         ", ".join(changed), extra={"resource": name})
                 entry.daemon.stop()
             new = _Entry(self._new_daemon(spec, root), up=entry.up if entry else None)
             self._entries[name] = new
@@ -244,7 +245,8 @@ class MpsSupervisor:
         if entry.up is not True:
             entry.up, entry.reason = True, ""
             log.info("%s: MPS control daemon answers (pid %s); limits %s", name,
-                     entry.daemon.pid, "; ".join(entry.daemon.limit_commands()))
+                     entry.daemon.pid, "; ".join(entry.daemon.limit_commands()),
+                     extra={"resource": name})
             self._up(name)
 
     def _failed(self, name: str, entry: _Entry, reason: str, now: float) -> None:
@@ -259,5 +261,6 @@ class MpsSupervisor:
             return
         entry.up, entry.reason = False, reason
         log.error("%s: MPS control daemon down: %s; its devices are Unhealthy; restarting "
-                  "with backoff (first try in %.1fs)", name, reason, delay)
+                  "with backoff (first try in %.1fs)", name, reason, delay,
+                  extra={"resource": name})
         self._down(name, reason)

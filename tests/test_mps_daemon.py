@@ -371,8 +371,12 @@ def test_plan_rejects_a_relative_mps_root(inventory_of: Callable[..., Inventory]
         build_plan(inventory_of("dgx-a100"), config)
 
 
-def test_wrong_probe_answer_is_down_then_restarted(mps_root: Path) -> None:
-    """A daemon answering another thread percentage is reported down, restarted, then up."""
+def test_wrong_probe_answer_is_down_then_restarted(
+    mps_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon answering another thread percentage is reported down, restarted, then up; each
+    of the supervisor's lines names the resource in its text and in its `resource` field."""
+    caplog.set_level(logging.INFO, logger="gpushare.mps")
     events: list[tuple[str, ...]] = []
     supervisor = MpsSupervisor(
         control_binary=standin_argv(), down=lambda r, why: events.append(("down", r, why)),
@@ -395,6 +399,12 @@ def test_wrong_probe_answer_is_down_then_restarted(mps_root: Path) -> None:
     finally:
         supervisor.stop()
     assert not _alive(daemon_pid := _state(spec)["pid"]), daemon_pid
+    said = [r for r in caplog.records if r.name.startswith("gpushare.mps")]
+    assert {"started", "answers", "down", "stopped"} <= {
+        word.rstrip(":") for r in said for word in r.getMessage().split()}
+    for record in said:
+        assert record.getMessage().startswith(f"{spec.resource}: "), record.getMessage()
+        assert getattr(record, "resource", None) == spec.resource, record.getMessage()
 
 
 def test_vanished_resource_daemon_stopped_and_its_gpus_restored(

@@ -579,8 +579,9 @@ class Daemon:
         )
         server.start()
         self._servers[name] = server
-        log.info("serving %s (%d devices) on %s", name, len(resource.devices), resource.socket_name,
-                 extra={"resource": name})
+        count = len(resource.devices)
+        log.info("serving %s (%d device%s) on %s", name, count, "" if count == 1 else "s",
+                 resource.socket_name, extra={"resource": name})
 
 
 __all__ = ["Component", "Daemon", "PlanListener", "StartupHook"]
