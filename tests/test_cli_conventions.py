@@ -405,26 +405,32 @@ def test_run_refuses_a_name_too_long_for_its_socket(
 
 
 def test_a_simulated_node_keeps_its_labels_under_its_host_directory(tmp_path: Path) -> None:
-    """`run --node DIR` without a labels path writes the default file under DIR/host/, as its
-    journal and control socket, never the machine's NFD directory; a stop removes it."""
+    """`run --node DIR` without a labels path or CDI spec directory writes the default files
+    under DIR/host/, as its journal and control socket, never the machine's NFD or CDI
+    directory; a stop removes them."""
     node = create_state("dgx-a100", tmp_path / "node")
     labels = node / "host/etc/kubernetes/node-feature-discovery/features.d/gfd"
+    cdi_spec = node / "host/var/run/cdi/k8s.device-plugin.nvidia.com-gpu.yaml"
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nflags:\n  plugin:\n    deviceListStrategy: cdi-annotations\n")
     kubelet_dir = Path(f"/tmp/gs-lab-{os.getpid()}")
     kubelet_dir.mkdir()
-    env = {k: v for k, v in child_env().items() if k != "GFD_OUTPUT_FILE"}
+    env = {k: v for k, v in child_env().items() if k not in ("GFD_OUTPUT_FILE", "CDI_SPEC_DIR")}
     run = subprocess.Popen(
         [sys.executable, "-m", "plugin.cli", "run", "--node", str(node), "--kubelet-dir",
-         str(kubelet_dir)],
+         str(kubelet_dir), "--config", str(config)],
         cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         wait_until(labels.exists, timeout_s=20)
         assert "nvidia.com/gpu.count=8" in labels.read_text().splitlines()
+        wait_until(cdi_spec.exists, timeout_s=20)
         run.send_signal(signal.SIGTERM)
         _, err = run.communicate(timeout=10)
-        assert run.returncode == 0
+        assert run.returncode == 0, err
         assert f"node labels written to {labels} (8 labels)" in err
         assert not labels.exists()
+        assert not cdi_spec.exists()
     finally:
         if run.poll() is None:
             run.kill()

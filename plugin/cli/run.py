@@ -102,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where gpushare writes the CDI spec of the device names it hands out with"
         " deviceListStrategy cdi-annotations/cdi-cri (k8s.device-plugin.nvidia.com-gpu.yaml,"
         " removed on stop); must be the host's CDI directory"
-        f" (default: ${CDI_SPEC_DIR_ENV}, else {DEFAULT_SPEC_DIR})",
+        f" (default: ${CDI_SPEC_DIR_ENV}, else {DEFAULT_SPEC_DIR}; with --node, under the"
+        " simulated node's host/)",
     )
     run.add_argument(
         "--mps-compute-mode",
@@ -177,7 +178,8 @@ def run_command(args: argparse.Namespace) -> int:
     metrics = args.metrics_address
     if metrics is None:
         metrics = env.get(METRICS_ADDRESS_ENV, DEFAULT_ADDRESS)
-    cdi_spec_dir = args.cdi_spec_dir or Path(env.get(CDI_SPEC_DIR_ENV) or DEFAULT_SPEC_DIR)
+    cdi_given = args.cdi_spec_dir or env.get(CDI_SPEC_DIR_ENV)
+    cdi_spec_dir = Path(cdi_given or DEFAULT_SPEC_DIR)
     try:
         check_path_lengths({
             "--config (or $CONFIG_FILE)": path, "--node": args.node,
@@ -190,6 +192,8 @@ def run_command(args: argparse.Namespace) -> int:
             args.kubelet_dir.mkdir(mode=0o750, parents=True)
             log.info("created the kubelet directory %s", args.kubelet_dir)
         nvml_lib = nvml.load_library(args.node)
+        if not cdi_given:
+            cdi_spec_dir = _default_cdi_spec_dir(nvml_lib)
         daemon = Daemon(
             config_path=Path(path) if path else None,
             kubelet_dir=args.kubelet_dir,
@@ -241,6 +245,17 @@ def mps_compute_mode(flag: str | None, env: Mapping[str, str]) -> str:
     if value not in COMPUTE_MODE_POLICIES:
         raise ConfigError(f"{MPS_COMPUTE_MODE_ENV}: must be manage or leave, got {value[:64]!r}")
     return value
+
+
+def _default_cdi_spec_dir(nvml_lib: object) -> Path:
+    """/var/run/cdi; for a simulated node the same path under its host/ directory (a simulator
+    never writes the host's files)."""
+    from sharing.nvml.sim import SimNvml
+    from sharing.nvml.sim.state import HOST_DIR
+
+    if not isinstance(nvml_lib, SimNvml):
+        return DEFAULT_SPEC_DIR
+    return Path(nvml_lib.state_dir) / HOST_DIR / str(DEFAULT_SPEC_DIR).lstrip("/")
 
 
 def _add_mig_jobs(daemon: object, args: argparse.Namespace, nvml_lib: object) -> None:
