@@ -8,7 +8,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,11 @@ import pytest
 from plugin.daemon.control import (
     MAX_CONNECTIONS,
     MAX_REQUEST_BYTES,
+    ClientGone,
     ControlError,
     ControlServer,
     ControlUnavailable,
+    Emit,
     call,
 )
 from tests.fakes.sockets import Trickle, short_dir
@@ -36,6 +38,22 @@ def _crash(_request: dict, _emit) -> dict:
 
 def _refuse(_request: dict, _emit) -> dict:
     raise ControlError("refused: no such config")
+
+
+def _holder(released: threading.Event, gone: list[str]) -> Callable[[dict, Emit], dict]:
+    """A handler that waits for `released` as a job's watcher does: silent, asking every
+    0.1 s whether its client is still there; records the clients that went away."""
+
+    def hold(request: dict, emit: Emit) -> dict:
+        while not released.wait(0.1):
+            try:
+                emit.check()
+            except ClientGone:
+                gone.append(request.get("value"))
+                raise
+        return {"held": request.get("value")}
+
+    return hold
 
 
 @pytest.fixture
@@ -261,4 +279,49 @@ def test_a_client_refused_as_busy_reads_why_even_with_a_large_request(base: Path
     finally:
         for sock in idle:
             sock.close()
+        srv.stop()
+
+
+def test_waiting_clients_that_went_away_free_their_slots(base: Path) -> None:
+    """MAX_CONNECTIONS clients send a request whose handler waits silently (as for a long
+    drain) and close: each slot comes back within a few seconds, not when the wait ends, so
+    another request is served while the handlers would still wait. A client that stays
+    connected, or only shuts down its sending side, gets its final answer."""
+    released, gone = threading.Event(), []
+    srv = ControlServer(base / "control.sock", {"hold": _holder(released, gone), "echo": _echo})
+    srv.start()
+    try:
+        for i in range(MAX_CONNECTIONS):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(srv.path))
+                sock.sendall(json.dumps({"op": "hold", "value": i}).encode() + b"\n")
+        deadline = time.monotonic() + 5.0
+        answer = call(srv.path, {"op": "echo", "value": "after"})
+        while answer.get("ok") is not True and time.monotonic() < deadline:
+            time.sleep(0.1)
+            answer = call(srv.path, {"op": "echo", "value": "after"})
+        assert answer == {"ok": True, "echo": "after"}
+        assert not released.is_set()
+        deadline = time.monotonic() + 5.0
+        while len(gone) < MAX_CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(gone) == list(range(MAX_CONNECTIONS))
+
+        stays = {}
+        waiter = threading.Thread(
+            target=lambda: stays.update(call(srv.path, {"op": "hold", "value": "stays"})))
+        waiter.start()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as half:
+            half.settimeout(5)
+            half.connect(str(srv.path))
+            half.sendall(b'{"op": "hold", "value": "half"}\n')
+            half.shutdown(socket.SHUT_WR)
+            time.sleep(0.5)  # several checks pass while both wait
+            released.set()
+            waiter.join(5)
+            assert json.loads(half.makefile("rb").readline()) == {"ok": True, "held": "half"}
+        assert stays == {"ok": True, "held": "stays"}
+        assert len(gone) == MAX_CONNECTIONS
+    finally:
+        released.set()
         srv.stop()

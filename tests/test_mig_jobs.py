@@ -4,10 +4,13 @@ stopping mid-drain, control request checks, an interrupted `gpushare mig apply` 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -18,7 +21,7 @@ from zoneinfo import ZoneInfo
 import pynvml
 import pytest
 
-from plugin.daemon.control import call
+from plugin.daemon.control import MAX_CONNECTIONS, call
 from plugin.daemon.core import Daemon
 from plugin.daemon.mig_history import JOURNAL_FILE, JobRecord
 from plugin.daemon.mig_jobs import CONFIG_LABEL, STATE_LABEL, JobRefused, MigJobRunner
@@ -154,6 +157,60 @@ def test_one_job_at_a_time_labels_and_listeners(node: Node, kubelet: FakeKubelet
     assert node.labels() == {CONFIG_LABEL: "all-1g.5gb", STATE_LABEL: "success"}
     assert [(r.id, r.result) for r in heard] == [(job.id, "success")]
     assert (node.mig_jobs_counted("success"), node.mig_jobs_counted("failed")) == (1, 0)
+
+
+def test_a_waiting_client_that_went_away_frees_its_slot_during_a_silent_drain(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """`mig reconfigure --wait` closed mid-drain (the drain says nothing for up to its timeout)
+    gives its control slot back within seconds: with the other slots taken by idle clients,
+    `status` is answered while the job still drains. A waiting client that stays connected
+    gets its final answer."""
+    node.apply("all-2g.10gb")
+    pid = node.process_on(2)
+    node.start(MIXED)  # drainTimeout 300 s
+    kubelet.wait_for_list(OLD, lambda x: len(x.healthy_ids) == 24)
+    request = {"op": "reconfigure", "config": "all-1g.5gb", "wait": True,
+               "file_text": EXAMPLE.read_text()}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.settimeout(10)
+        gone.connect(str(node.socket))
+        gone.sendall(json.dumps(request).encode() + b"\n")
+        with gone.makefile("rb") as lines:
+            while not json.loads(lines.readline())["message"].startswith("waiting for process"):
+                pass  # the last line until the process ends: from here on the drain is silent
+        time.sleep(0.2)
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CONNECTIONS - 1)]
+    try:
+        for sock in idle:  # each holds a slot until the request timeout (5 s)
+            sock.connect(str(node.socket))
+        deadline = time.monotonic() + 3.0
+        answer = call(node.socket, {"op": "status"})
+        while answer.get("ok") is not True and time.monotonic() < deadline:
+            time.sleep(0.1)
+            answer = call(node.socket, {"op": "status"})
+        assert answer.get("ok") is True, answer
+        assert answer["current"]["phase"] == "draining"
+    finally:
+        for sock in idle:
+            sock.close()
+    stop_process(node.state, 2, pid=pid)
+    assert node.wait_done(answer["current"]["id"]).result == "success"
+
+    pid = node.process_on(4)
+    events: list[dict] = []
+    answers: list[dict] = []
+    back = dict(request, config="all-2g.10gb")
+    waiter = threading.Thread(target=lambda: answers.append(
+        call(node.socket, back, on_event=events.append, timeout_s=None)))
+    waiter.start()
+    eventually(lambda: len(events) >= 1)
+    time.sleep(2.5)  # the handler checks its client while the drain is silent
+    stop_process(node.state, 4, pid=pid)
+    waiter.join(30)
+    [answer] = answers
+    assert answer["ok"] is True
+    assert (answer["job"]["config"], answer["job"]["result"]) == ("all-2g.10gb", "success")
 
 
 def test_refused_request_leaves_labels(node: Node, kubelet: FakeKubelet) -> None:

@@ -9,9 +9,11 @@ A unix stream socket (mode 0600, so only the daemon's user connects; its directo
 
 Every read is bounded: a request line of at most MAX_REQUEST_BYTES, read whole within
 REQUEST_TIMEOUT_S (a client trickling bytes is cut off then), at most MAX_CONNECTIONS exchanges
-at once. A bad request (not JSON, nested too deeply, too big, unknown op, a handler's
-ControlError) gets `ok: false` with a clear message; a handler that fails unexpectedly is
-logged and answered the same way. The daemon stays up either way.
+at once. A handler that waits long (a job the client follows) calls `emit.check()` every second
+or so: a client that has closed its end then ends the exchange and frees its slot, so clients
+that went away cannot lock the others out. A bad request (not JSON, nested too deeply, too big,
+unknown op, a handler's ControlError) gets `ok: false` with a clear message; a handler that
+fails unexpectedly is logged and answered the same way. The daemon stays up either way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import tempfile
@@ -40,8 +43,6 @@ MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 ACCEPT_POLL_S = 0.2
 
 Message = dict[str, Any]
-Emit = Callable[[Message], None]
-Handler = Callable[[Message, Emit], Message]
 
 
 class ControlError(Exception):
@@ -50,6 +51,41 @@ class ControlError(Exception):
 
 class ControlUnavailable(ControlError):
     """The client could not reach the daemon, or the daemon went away mid-answer."""
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection while its request was handled."""
+
+
+class Emit:
+    """A handler's way to its client: `emit(event)` sends a progress line; `emit.check()`
+    tells whether the client is still there, for a handler that waits long between lines."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._poll = select.poll()
+        self._poll.register(conn.fileno(), 0)  # only POLLHUP, POLLERR and POLLNVAL are reported
+
+    def __call__(self, event: Message) -> None:
+        """Send one event line (within the request timeout).
+
+        Raises:
+            OSError: the client went away or stopped reading.
+        """
+        self._conn.sendall(_encode(event))
+
+    def check(self) -> None:
+        """Return at once if the client is connected (a client that only shut down its
+        sending side still is: it waits for the answer).
+
+        Raises:
+            ClientGone: the client closed the connection.
+        """
+        if self._poll.poll(0):
+            raise ClientGone("the client closed the connection")
+
+
+Handler = Callable[[Message, Emit], Message]
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:
@@ -266,7 +302,7 @@ class ControlServer:
                     # A job the client waits for answers when it ends; each line sent keeps the
                     # timeout, so a client that stops reading cannot hold the handler forever.
                     conn.settimeout(self._timeout_s)
-                    answer = self._dispatch(request, lambda event: conn.sendall(_encode(event)))
+                    answer = self._dispatch(request, Emit(conn))
                 conn.settimeout(self._timeout_s)
                 conn.sendall(_encode(answer))
         except OSError as err:
@@ -343,9 +379,11 @@ def call(
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
+    "ClientGone",
     "ControlError",
     "ControlServer",
     "ControlUnavailable",
+    "Emit",
     "Handler",
     "call",
     "check_socket_path",

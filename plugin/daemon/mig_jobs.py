@@ -48,6 +48,7 @@ log = logging.getLogger("gpushare.mig.jobs")
 CONFIG_LABEL = "nvidia.com/mig.config"
 STATE_LABEL = "nvidia.com/mig.config.state"
 MAX_EVENTS = 1000  # progress lines kept per job
+CHECK_EVERY_S = 1.0  # how often a watch asks whether its client is still there
 
 ResultListener = Callable[[JobRecord], None]
 StateListener = Callable[[str, str], None]  # (config, pending|success|failed)
@@ -278,8 +279,15 @@ class MigJobRunner:
             self.store.save(record.finished("failed", f"refused: {reason}"))
         raise JobRefused(reason)
 
-    def watch(self, job_id: int, emit: Callable[[str], None], timeout_s: float | None) -> JobRecord:
+    def watch(
+        self, job_id: int, emit: Callable[[str], None], timeout_s: float | None, *,
+        check: Callable[[], None] | None = None, check_every_s: float = CHECK_EVERY_S,
+    ) -> JobRecord:
         """Send the job's progress lines to `emit` until it ends; returns its final record.
+
+        `check` is called at least every `check_every_s` while no line comes (a drain can be
+        silent for its whole timeout); an exception it raises ends the watch (the job goes on):
+        a control client that went away gives its slot back this way.
 
         Raises:
             TimeoutError: it did not end within `timeout_s`.
@@ -295,8 +303,13 @@ class MigJobRunner:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise TimeoutError(f"job {job_id} still running")
+                    if check is not None:
+                        left = check_every_s if left is None else min(left, check_every_s)
                     self._changed.wait(timeout=left)
-                    continue
+            if check is not None:
+                check()
+            if running and not events:
+                continue
             for line in events:
                 emit(line)
             sent += len(events)

@@ -134,7 +134,8 @@ def control_handlers(
             raise ControlError(str(err)) from None
         if wait and not record.done:
             record = runner.watch(
-                record.id, lambda line: emit({"event": "progress", "message": line}), None
+                record.id, lambda line: emit({"event": "progress", "message": line}), None,
+                check=emit.check,  # a client that went away frees its slot within a second
             )
         return {"job": record.to_json()}
 
