@@ -32,6 +32,7 @@ def _suites(quick: bool) -> dict[str, tuple]:
         "mig-apply": (mig.apply_full, 10 // (5 if quick else 1)),
         "idle": (measure.idle_cpu, 2 if quick else 6),
         "mig-job": (mig_jobs.reconfiguration_job, 10 // (5 if quick else 1)),
+        "mig-file-load": (mig_jobs.allocate_under_mig_files, 2000 // scale),
     }
 
 

@@ -77,7 +77,7 @@ def test_help_names_every_benchmark(
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     names = ("allocate preferred plan inventory health reregister coldstart memory reload"
-             " mig-plan mig-apply idle mig-job")
+             " mig-plan mig-apply idle mig-job mig-file-load")
     assert f"run only these benchmarks: {', '.join(names.split())}" in text
 
 

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.mig_jobs import large_mig_file
 from plugin.daemon.config_reader import ConfigReader, ReadCancelled
 from plugin.daemon.core import Daemon
-from sharing.errors import ConfigError
+from sharing.errors import ConfigError, MigConfigError
+from sharing.mig import parse_mig_parted
 from tests.fakes.kubelet import FakeKubelet
 from tests.test_reload import make_daemon, time_slicing
 
 # A reader that never answers: a real process that reads nothing and sleeps.
 STUCK = [sys.executable, "-c", "import time; time.sleep(600)"]
+EXAMPLE = Path(__file__).parent / "data" / "compat" / "mig-parted" / "example-config.yaml"
 
 
 @pytest.fixture
@@ -162,3 +165,39 @@ def test_stuck_reload_neither_blocks_allocate_nor_sigterm(
     assert allocate_s < 0.5  # type: ignore[operator]
     assert stopped - signalled < 2.0  # type: ignore[operator]
     assert sorted(p.name for p in kubelet_dir.iterdir()) == ["kubelet.sock"]
+
+
+def test_mig_parted_files_are_parsed_in_the_child(
+    reader: ConfigReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_mig parses and validates in the child (the YAML parser of this process is
+    disabled): the config comes back equal to an in-process parse; the parser's errors come
+    back word for word as MigConfigError; one child answers all of them."""
+    text = EXAMPLE.read_text()
+    expected = parse_mig_parted(text, source="ex.yaml").select("custom-config")
+    monkeypatch.setattr("sharing.mig.parted.parse_yaml", _parsed_here)
+    assert reader.read_mig(text, source="ex.yaml", config="custom-config") == expected
+    child = reader._child
+    assert child is not None
+    with pytest.raises(MigConfigError, match='^ex.yaml: version: must be "v1", got "v2"$'):
+        reader.read_mig("version: v2\n", source="ex.yaml", config="a")
+    with pytest.raises(MigConfigError, match='^ex.yaml: no config "nope" in mig-configs'):
+        reader.read_mig(text, source="ex.yaml", config="nope")
+    assert reader._child is child
+
+
+def _parsed_here(*_args: object, **_kwargs: object) -> object:
+    raise AssertionError("a mig-parted file was parsed in the daemon's own process")
+
+
+def test_a_large_mig_parted_file_to_a_stuck_reader_is_refused_in_time() -> None:
+    """A 287 KB file for a child that reads nothing: more than a pipe holds, so writing the
+    request is bounded by the time limit too; a one-line MigConfigError naming the file."""
+    reader = ConfigReader(command=STUCK, timeout_s=0.5)
+    began = time.monotonic()
+    with pytest.raises(MigConfigError, match=r"^big\.yaml: reading the mig-parted file took "
+                       r"longer than 0\.5s or stopped its reader; nothing was applied$"):
+        reader.read_mig(large_mig_file(), source="big.yaml", config="all-disabled")
+    assert time.monotonic() - began < 2.0
+    assert reader._child is None
+    reader.close()

@@ -21,8 +21,10 @@ from zoneinfo import ZoneInfo
 import pynvml
 import pytest
 
+from plugin.daemon.config_reader import ConfigReader
 from plugin.daemon.control import MAX_CONNECTIONS, call
 from plugin.daemon.core import Daemon
+from plugin.daemon.mig_engine import MigEngine
 from plugin.daemon.mig_history import JOURNAL_FILE, JobRecord
 from plugin.daemon.mig_jobs import CONFIG_LABEL, STATE_LABEL, JobRefused, MigJobRunner
 from plugin.daemon.mig_schedule import MigScheduler
@@ -38,6 +40,7 @@ from tests.fakes.sockets import short_dir
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "data" / "compat" / "mig-parted" / "example-config.yaml"
 MIXED = "version: v1\nflags: {migStrategy: mixed}\n"
+STUCK = [sys.executable, "-c", "import time; time.sleep(600)"]  # a reader that never answers
 OLD, NEW = "nvidia.com/mig-2g.10gb", "nvidia.com/mig-1g.5gb"
 GPU7_3G = """\
 version: v1
@@ -211,6 +214,50 @@ def test_a_waiting_client_that_went_away_frees_its_slot_during_a_silent_drain(
     [answer] = answers
     assert answer["ok"] is True
     assert (answer["job"]["config"], answer["job"]["result"]) == ("all-2g.10gb", "success")
+
+
+def test_mig_parted_files_are_parsed_outside_the_daemon_process(
+    node: Node, kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the YAML parser of the daemon's process disabled, requests still get the parser's
+    errors and a job runs to success (planned and verified): the mig-parted file is parsed in
+    the config reader's child, and the daemon's threads only plan."""
+    node.start(MIXED)
+    kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"])
+
+    def parsed_here(*_args: object, **_kwargs: object) -> object:
+        raise AssertionError("a mig-parted file was parsed in the daemon's own process")
+
+    monkeypatch.setattr("sharing.mig.parted.parse_yaml", parsed_here)
+    text = EXAMPLE.read_text()
+    bad = call(node.socket, {"op": "reconfigure", "config": "x", "file_text": "version: v2\n",
+                             "file_name": "/etc/mig.yaml"})
+    assert bad == {"ok": False, "error": '/etc/mig.yaml: version: must be "v1", got "v2"'}
+    unknown = call(node.socket, {"op": "reconfigure", "config": "nope", "file_text": text})
+    assert unknown["error"].startswith('<request>: no config "nope" in mig-configs (has: ')
+    done = call(node.socket, {"op": "reconfigure", "config": "all-1g.5gb", "file_text": text,
+                              "wait": True}, timeout_s=60)
+    assert (done["ok"], done["job"]["result"]) == (True, "success"), done
+    kubelet.wait_for_list(NEW, lambda x: len(x.healthy_ids) == 56)
+
+
+def test_a_mig_parted_file_its_reader_cannot_parse_in_time_is_refused_and_serving_goes_on(
+    node: Node, kubelet: FakeKubelet
+) -> None:
+    """The reader's child is past its time limit (here: one that never answers): the request is
+    refused with one line naming the file, nothing is drained, and the daemon answers on."""
+    node.start(MIXED)
+    kubelet.wait_for(lambda: kubelet.resources() == ["nvidia.com/gpu"])
+    node.runner.engine.close()
+    node.runner.engine = MigEngine(ConfigReader(command=STUCK, timeout_s=0.5))
+    answer = call(node.socket, {"op": "reconfigure", "config": "all-1g.5gb",
+                                "file_text": EXAMPLE.read_text(), "file_name": "/etc/mig.yaml"})
+    assert answer == {"ok": False, "error": "/etc/mig.yaml: reading the mig-parted file took "
+                      "longer than 0.5s or stopped its reader; nothing was applied"}
+    status = call(node.socket, {"op": "status"})
+    assert status["current"] is None
+    assert status["jobs"][-1]["reason"] == f"refused: {answer['error']}"
+    assert len(kubelet.latest("nvidia.com/gpu").healthy_ids) == 8  # type: ignore[union-attr]
 
 
 def test_refused_request_leaves_labels(node: Node, kubelet: FakeKubelet) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from sharing.errors import MigConfigError
 from sharing.mig import DeviceFilter, parse_mig_parted, parse_profile_name
+from sharing.mig.parted import config_from_json, config_to_json
 
 COMPAT = Path(__file__).resolve().parent / "data" / "compat" / "mig-parted"
 EXAMPLE = COMPAT / "example-config.yaml"
@@ -217,3 +219,43 @@ def test_long_values_are_cut_in_messages() -> None:
     with pytest.raises(MigConfigError) as info:
         parse_mig_parted(text, source="long.yaml")
     assert len(str(info.value)) < 200
+
+
+def test_configs_go_through_json_and_back_unchanged() -> None:
+    """What the config reader's child sends back: every example config, filters included."""
+    text = EXAMPLE.read_text() + (
+        "  filtered:\n    - devices: [0, 3]\n      device-filter: [\"0x20B010DE\", "
+        "\"0x20B210DE:0x147E10DE\"]\n      mig-enabled: true\n"
+        "      mig-devices: {1c.3g.20gb: 2, 1g.10gb+me: 1}\n"
+    )
+    parsed = parse_mig_parted(text, source="f.yaml")
+    assert "filtered" in parsed.names
+    for config in parsed.configs:
+        assert config_from_json(json.loads(json.dumps(config_to_json(config)))) == config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        pytest.param(lambda d: d.pop("source"), "expected an object with name, source",
+                     id="missing key"),
+        pytest.param(lambda d: d.update(entries=[]), "entries must be a list of 1-64",
+                     id="no entries"),
+        pytest.param(lambda d: d["entries"][0].update(devices=[-1]),
+                     "devices must be a list of at most 256 integers >= 0", id="negative index"),
+        pytest.param(lambda d: d["entries"][0].update(mig_devices=[["9z.1gb", 1]]),
+                     "malformed MIG profile", id="bad profile"),
+        pytest.param(lambda d: d["entries"][0].update(mig_devices=[["1g.5gb", 65]]),
+                     "a MIG device count is 1-64", id="count too high"),
+        pytest.param(lambda d: d["entries"][0].update(device_filter=[[None, 1]]),
+                     "a device filter's device id must be", id="filter without device"),
+        pytest.param(lambda d: d["entries"][0].update(mig_enabled="yes"),
+                     "mig_enabled true or false", id="enabled not a bool"),
+    ],
+)
+def test_json_not_written_by_config_to_json_is_refused(change: object, message: str) -> None:
+    config = parse_mig_parted(EXAMPLE.read_text(), source="f.yaml").select("all-1g.5gb")
+    data = json.loads(json.dumps(config_to_json(config)))
+    change(data)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_json(data)

@@ -1,15 +1,23 @@
-"""Reading the config file for a reload in a separate process, in bounded time and memory.
+"""Reading the config file for a reload, and mig-parted files for MIG jobs, in a separate
+process, in bounded time and memory.
 
-A reload must never delay serving or stopping, whatever the file holds. Parsing is bounded in
-sharing.yaml_text, but it runs C code (libyaml, pydantic-core) that holds the GIL, so the
-serving threads would still wait on it. Here it runs in a long-lived child process
+A reload or a MIG job must never delay serving or stopping, whatever the file holds. Parsing is
+bounded in sharing.yaml_text, but it runs C code (libyaml, pydantic-core) that holds the GIL,
+so the serving threads would still wait on it. Here it runs in a long-lived child process
 (`python -m plugin.daemon.config_reader`) with its own GIL, a lower CPU priority and an
-address-space limit: the
-daemon sends `{path, env, overrides}` as one JSON line and gets back either the validated
-config (as `model_dump`, validated again on arrival) or the error message. A read that takes
-longer than READ_TIMEOUT_S, a newer reload (`cancel()`) or stop (`close()`) kills the child; a
-new one is started for the next read. The child is started by the first read (about 0.1 s), so a
-daemon that never reloads never runs one.
+address-space limit. The daemon sends one JSON line per read and gets back either the result or
+the error message:
+
+- `{path, env, overrides}` (kind `config`, the default): the validated config as `model_dump`,
+  validated again on arrival;
+- `{kind: "mig", text, source, config}`: config `config` of a mig-parted file's text, parsed
+  and validated (`sharing.mig.parse_mig_parted`) and sent back as `config_to_json`, whose shape
+  is checked again on arrival; the daemon thread then only plans it against the node.
+
+A read that takes longer than READ_TIMEOUT_S (the request is written within that time too), a
+newer reload (`cancel()`) or stop (`close()`) kills the child; a new one is started for the
+next read. The child is started by the first read (about 0.1 s), so a daemon that never reloads
+never runs one.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from sharing.config import OVERRIDES, Config
-from sharing.errors import ConfigError
+from sharing.errors import ConfigError, MigConfigError
+from sharing.mig.parted import MigConfig, config_from_json
 from sharing.text import shorten
 
 log = logging.getLogger("gpushare.daemon")
@@ -86,21 +95,30 @@ class ConfigReader:
             "env": {o.env: env[o.env] for o in OVERRIDES if o.env in env},
             "overrides": dict(overrides),
         }
-        with self._lock:
-            child = self._begin(cancellable)
-            try:
-                reply = self._exchange(child, json.dumps(request).encode() + b"\n", path)
-            finally:
-                with self._state:
-                    self._reading = False
-        if not isinstance(reply, dict) or "error" in reply:
-            raise ConfigError(shorten(str(reply.get("error") if isinstance(reply, dict) else
-                                          reply), 1000))
+        reply = self._ask(request, str(path), "reading the config", ConfigError, cancellable)
         try:
             return Config.model_validate(reply.get("config"))
         except ValidationError as err:  # our own child's dump: not expected
             raise ConfigError(f"{shorten(str(path), 160)}: the config reader's answer does not "
                               f"validate ({err.error_count()} problems)") from None
+
+    def read_mig(self, text: str, *, source: str, config: str | None) -> MigConfig:
+        """Config `config` of a mig-parted file's `text` (`source` names it in errors), parsed
+        and validated in the child; never abandoned by cancel(), ended by close().
+
+        Raises:
+            MigConfigError: the file is invalid or has no such config (the parser's message),
+                or the child ran out of time or memory.
+            ReadCancelled: close() ended the read.
+            OSError: the child cannot be started.
+        """
+        request = {"kind": "mig", "text": text, "source": source, "config": config}
+        reply = self._ask(request, source, "reading the mig-parted file", MigConfigError, False)
+        try:
+            return config_from_json(reply.get("mig_config"))
+        except ValueError as err:  # our own child's answer: not expected
+            raise MigConfigError(f"{shorten(source, 160)}: the config reader's answer does not "
+                                 f"validate: {shorten(str(err), 200)}") from None
 
     def cancel(self) -> None:
         """Abandon the read in flight if it is cancellable (the child is killed); later reads
@@ -119,6 +137,27 @@ class ConfigReader:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _ask(
+        self, request: Mapping[str, Any], name: str, doing: str, error: type[ConfigError],
+        cancellable: bool,
+    ) -> dict[str, Any]:
+        """Send one request to the child and return its reply; the child's error, a timeout or
+        a garbled reply are raised as `error`, naming `name` (`doing` says what took too long).
+        """
+        with self._lock:
+            child = self._begin(cancellable)
+            try:
+                reply = self._exchange(
+                    child, json.dumps(request).encode() + b"\n", name, doing, error
+                )
+            finally:
+                with self._state:
+                    self._reading = False
+        if not isinstance(reply, dict) or "error" in reply:
+            raise error(shorten(str(reply.get("error") if isinstance(reply, dict) else
+                                    reply), 1000))
+        return reply
+
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {"PYTHONPATH": str(_ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         return subprocess.Popen(  # our own interpreter and module, an argument list, no shell
@@ -135,17 +174,16 @@ class ConfigReader:
             self._reading, self._cancellable, self._cancelled = True, cancellable, False
             return self._child
 
-    def _exchange(self, child: subprocess.Popen[bytes], request: bytes, path: Path) -> Any:
+    def _exchange(
+        self, child: subprocess.Popen[bytes], request: bytes, name: str, doing: str,
+        error: type[ConfigError],
+    ) -> Any:
         stdin, stdout = child.stdin, child.stdout
         assert stdin is not None
         assert stdout is not None
-        try:
-            stdin.write(request)
-            stdin.flush()
-        except OSError:
-            pass  # the child died; reading its stdout finds out why
-        line = self._read_line(stdout, time.monotonic() + self._timeout_s)
-        name = shorten(str(path), 160)
+        deadline = time.monotonic() + self._timeout_s
+        line = self._read_line(stdout, deadline) if _write_all(stdin, request, deadline) else None
+        name = shorten(name, 160)
         if line is None:
             with self._state:
                 cancelled = self._cancelled
@@ -154,8 +192,8 @@ class ConfigReader:
             _end(child)
             if cancelled:
                 raise ReadCancelled(f"reading {name} was abandoned")
-            raise ConfigError(
-                f"{name}: reading the config took longer than {self._timeout_s:g}s or stopped "
+            raise error(
+                f"{name}: {doing} took longer than {self._timeout_s:g}s or stopped "
                 "its reader; nothing was applied"
             )
         try:
@@ -165,7 +203,7 @@ class ConfigReader:
                 if self._child is child:
                     self._child = None
             _end(child)
-            raise ConfigError(f"{name}: the config reader answered garbage: {err}") from None
+            raise error(f"{name}: the config reader answered garbage: {err}") from None
 
     def _read_line(self, stream: IO[bytes], deadline: float) -> bytes | None:
         """One reply line, or None on timeout, end of stream or an oversized reply."""
@@ -200,6 +238,27 @@ class ConfigReader:
             _end(child)
 
 
+def _write_all(stream: IO[bytes], data: bytes, deadline: float) -> bool:
+    """Write `data` to the child's stdin by `deadline` (a child that stops reading cannot
+    block the caller); False when it could not (time out, or the child died)."""
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_WRITE)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                return False
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False  # the child died; its stdout is closed too
+    return True
+
+
 def _end(child: subprocess.Popen[bytes]) -> None:
     """Kill a child, close its pipes and reap it."""
     with contextlib.suppress(OSError):
@@ -216,6 +275,34 @@ def _end(child: subprocess.Popen[bytes]) -> None:
 
 
 def _answer(request: Mapping[str, Any]) -> dict[str, object]:
+    """Answer one request: a config file (the default kind) or a mig-parted file's config."""
+    if request.get("kind", "config") == "mig":
+        return _answer_mig(request)
+    return _answer_config(request)
+
+
+def _answer_mig(request: Mapping[str, Any]) -> dict[str, object]:
+    """Parse a mig-parted file's text and pick one config; the reply to send back."""
+    from sharing.mig.parted import config_to_json, parse_mig_parted
+
+    source = str(request.get("source", "<mig-parted file>"))
+    text, config = request.get("text"), request.get("config")
+    if not isinstance(text, str) or not (config is None or isinstance(config, str)):
+        return {"error": "bad request to the config reader: text and config must be strings"}
+    try:
+        return {"mig_config": config_to_json(parse_mig_parted(text, source=source)
+                                             .select(config))}
+    except MigConfigError as err:
+        return {"error": str(err)}
+    except MemoryError:
+        return {"error": f"{shorten(source, 160)}: reading the mig-parted file needed more than "
+                         f"{CHILD_MEMORY_BYTES >> 20} MiB; nothing was applied"}
+    except Exception as err:  # noqa: BLE001 - the reply must say what happened, in one line
+        return {"error": f"{shorten(source, 160)}: unexpected error reading the mig-parted "
+                         f"file: {type(err).__name__}: {shorten(str(err), 200)}"}
+
+
+def _answer_config(request: Mapping[str, Any]) -> dict[str, object]:
     """Read one config file; the reply to send back."""
     from plugin.cli.config_file import load_config_file
 

@@ -2,7 +2,11 @@
 
 A thin seam over `sharing.mig` (pure planning) and the NVML edge's apply engine
 (`sharing.nvml.mig_apply`), so the runner names one object for planning, applying and rolling
-an interrupted apply forward; every call goes to the real engine.
+an interrupted apply forward; every call goes to the real engine. A mig-parted file (up to
+1 MiB, sent with a request or read for a scheduled job) is parsed and validated in the config
+reader's child process (plugin.daemon.config_reader: its own GIL, lower priority, bounded time
+and memory), so parsing it never holds up Allocate; the daemon's thread only plans the parsed
+config against the node.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sharing.errors import ConfigError
-from sharing.mig import MigPlan, parse_mig_parted
+from plugin.daemon.config_reader import ConfigReader, ReadCancelled
+from sharing.errors import ConfigError, MigConfigError
+from sharing.mig import MigPartedFile, MigPlan
 from sharing.nvml import Nvml
 from sharing.nvml.files import UnreadableFile, read_regular_text
 from sharing.nvml.mig_apply import ApplyResult, StepEvent, apply_mig, plan_mig, resume_mig
@@ -38,13 +43,28 @@ def read_mig_file(path: Path) -> str:
 class MigEngine:
     """Plans mig-parted configs against the node and applies plans through the journal."""
 
+    def __init__(self, reader: ConfigReader | None = None) -> None:
+        self._reader = reader or ConfigReader()  # its child starts with the first plan
+
     def plan(self, nvml: Nvml, text: str, source: str, config: str) -> MigPlan:
-        """The MigPlan of `config` from a mig-parted file's text (`source` names it).
+        """The MigPlan of `config` from a mig-parted file's text (`source` names it); the text
+        is parsed in the reader's child, the plan made here.
 
         Raises:
-            SharingError: the file is invalid, the config unknown, or the layout infeasible.
+            SharingError: the file is invalid, the config unknown, the layout infeasible, or
+                the file could not be read in time or memory (or the engine is closed).
         """
-        return plan_mig(nvml, parse_mig_parted(text, source=source), config)
+        try:
+            parsed = self._reader.read_mig(text, source=source, config=config)
+        except ReadCancelled as err:
+            raise MigConfigError(f"{source}: not read: {err}") from None
+        except OSError as err:
+            raise MigConfigError(f"{source}: cannot start the config reader: {err}") from None
+        return plan_mig(nvml, MigPartedFile(source, (parsed,)), config)
+
+    def close(self) -> None:
+        """Stop the reader's child; later plans are refused."""
+        self._reader.close()
 
     def check_journal(self, journal_path: Path, node: tuple[str, ...]) -> None:
         """Refuse a journal that apply would refuse (corrupt, another node's), up front.

@@ -47,8 +47,10 @@ class _RunnerComponent:
         """Nothing to start: jobs start on request."""
 
     def stop(self) -> None:
-        """Refuse new jobs and let the current one reach a safe point."""
+        """Refuse new jobs and let the current one reach a safe point; then end the process
+        that parses mig-parted files."""
         self.runner.stop()
+        self.runner.engine.close()
 
 
 class _DefaultControlServer(ControlServer):

@@ -133,6 +133,86 @@ def parse_mig_parted(text: str, *, source: str = "<mig-parted file>") -> MigPart
     return _Parser(source).file(data)
 
 
+def config_to_json(config: MigConfig) -> dict[str, Any]:
+    """A parsed config as plain JSON values (`config_from_json` builds it back)."""
+    return {
+        "name": config.name,
+        "source": config.source,
+        "entries": [
+            {
+                "where": e.where,
+                "devices": None if e.devices is None else list(e.devices),
+                "device_filter": [[f.device_id, f.subsystem_id] for f in e.device_filter],
+                "mig_enabled": e.mig_enabled,
+                "mig_devices": [[name.text, count] for name, count in e.mig_devices],
+            }
+            for e in config.entries
+        ],
+    }
+
+
+def config_from_json(data: object) -> MigConfig:
+    """The MigConfig `config_to_json` wrote (sent by the process that parsed the file); its
+    shape and bounds are checked again, profile names parsed again.
+
+    Raises:
+        ValueError: not what config_to_json writes, or past the parser's bounds.
+    """
+    top = _fields(data, ("name", "source", "entries"))
+    name, source, entries = top["name"], top["source"], top["entries"]
+    if not isinstance(name, str) or not isinstance(source, str):
+        raise ValueError("name and source must be strings")
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_ENTRIES:
+        raise ValueError(f"entries must be a list of 1-{MAX_ENTRIES}")
+    return MigConfig(name, source, tuple(_entry_from_json(e) for e in entries))
+
+
+def _fields(data: object, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(data, dict) or set(data) != set(keys):
+        raise ValueError(f"expected an object with {', '.join(keys)}")
+    return data
+
+
+def _ints(value: object, limit: int, what: str) -> list[int]:
+    if not isinstance(value, list) or len(value) > limit or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        raise ValueError(f"{what} must be a list of at most {limit} integers >= 0")
+    return value
+
+
+def _entry_from_json(data: object) -> MigEntry:
+    raw = _fields(data, ("where", "devices", "device_filter", "mig_enabled", "mig_devices"))
+    if not isinstance(raw["where"], str) or not isinstance(raw["mig_enabled"], bool):
+        raise ValueError("where must be a string, mig_enabled true or false")
+    devices = raw["devices"]
+    if devices is not None:
+        devices = tuple(_ints(devices, MAX_DEVICE_INDICES, "devices"))
+    filters = raw["device_filter"]
+    if not isinstance(filters, list) or len(filters) > MAX_FILTERS:
+        raise ValueError(f"device_filter must be a list of at most {MAX_FILTERS}")
+    out_filters = []
+    for item in filters:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ValueError("a device filter is [device_id, subsystem_id or null]")
+        [device_id] = _ints(item[:1], 1, "a device filter's device id")
+        subsystem = None if item[1] is None else _ints(item[1:], 1, "a subsystem id")[0]
+        out_filters.append(DeviceFilter(device_id, subsystem))
+    profiles = raw["mig_devices"]
+    if not isinstance(profiles, list) or len(profiles) > MAX_PROFILES:
+        raise ValueError(f"mig_devices must be a list of at most {MAX_PROFILES}")
+    out_profiles = []
+    for item in profiles:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError("a MIG device entry is [profile name, count]")
+        [count] = _ints([item[1]], 1, "a MIG device count")
+        if not 0 < count <= MAX_COUNT:
+            raise ValueError(f"a MIG device count is 1-{MAX_COUNT}")
+        out_profiles.append((parse_profile_name(item[0]), count))
+    return MigEntry(raw["where"], devices, tuple(out_filters), raw["mig_enabled"],
+                    tuple(out_profiles))
+
+
 def _load_yaml(text: str, source: str) -> Any:
     """The file's value, parsed within MIG_YAML_LIMITS (aliases counted as often as used);
     duplicate keys are errors with their line, as in config files."""
