@@ -481,6 +481,23 @@ def test_sigkill_while_draining_is_recorded_failed_at_the_next_start(node: Node)
                         r"the daemon stopped while the job was draining; nothing was changed",
                         oldest), oldest
 
+    # With the daemon stopped, the history it left is read from its state directory, unchanged.
+    node.stop()
+    history = node.state_dir / "mig-jobs.json"
+    before = history.read_bytes()
+    down = gpushare("mig", "status", "--control-socket", str(node.socket))
+    assert down.returncode == 1
+    assert "`--state-dir DIR` shows the history it left" in down.stderr, down.stderr
+    offline = gpushare("mig", "status", "--state-dir", str(node.state_dir), env={"TZ": "UTC"})
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stdout.splitlines() == [
+        f"job history from {node.state_dir} (read from disk: no daemon was asked; a job shown"
+        " running was interrupted and the next start finishes it)", *lines[3:]]
+    assert history.read_bytes() == before
+    as_json = json.loads(gpushare("mig", "status", "--state-dir", str(node.state_dir),
+                                  "--format", "json").stdout)
+    assert [j["result"] for j in as_json["jobs"]] == ["failed", "success"]
+
 
 def test_a_tz_naming_no_time_zone_is_one_line_at_start(tmp_path: Path, kubelet_dir: Path) -> None:
     """TZ set to no time zone (the schedule's cron times are read in it): `gpushare run` stops at

@@ -33,6 +33,7 @@ from sharing.config_models import MigScheduleEntry
 from sharing.nvml import Nvml, load_library, read_inventory
 from sharing.nvml.mig_apply import apply_mig, plan_mig
 from sharing.nvml.sim import SimNvml, create_state, start_process, stop_process
+from tests.checkout import checkout_env
 from tests.fakes.gated_sim import GatedSim
 from tests.fakes.kubelet import FakeKubelet
 from tests.fakes.sockets import short_dir
@@ -674,3 +675,41 @@ def test_a_schedule_fire_refused_before_planning_is_in_the_history(
     assert job.file == str(missing)
     assert job.reason.startswith(f"refused: {missing}: "), job.reason
     assert node.labels() == {}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(None, "no MIG job history (no job has run with this state directory)",
+                     id="none"),
+        pytest.param("{not json", "not JSON", id="not JSON"),
+        pytest.param('{"version": 9, "jobs": [], "next_id": 1}', "not a version 1 job history",
+                     id="other version"),
+        pytest.param('{"version": 1, "jobs": [{"id": 1}], "next_id": 2}', "not a job record",
+                     id="not a record"),
+    ],
+)
+def test_mig_status_from_a_state_directory_names_what_it_cannot_read(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    """`mig status --state-dir DIR`: one line naming the history file, exit 1, and the file
+    (a corrupt one too) left where it is: reading never moves it aside as a daemon would."""
+    history = tmp_path / "mig-jobs.json"
+    if content is not None:
+        history.write_text(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "mig", "status", "--state-dir", str(tmp_path)],
+        cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"gpushare mig status: {history}: "), line
+    assert expected in line, line
+    assert (history.read_text() if content is not None else None) == content
+    both = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "mig", "status", "--state-dir", str(tmp_path),
+         "--node", str(tmp_path)],
+        cwd=ROOT, env=checkout_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 2
+    assert "does not go with --node or --control-socket" in both.stderr

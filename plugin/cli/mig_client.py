@@ -18,6 +18,7 @@ from typing import Any
 
 from plugin.daemon.control import DEFAULT_CONTROL_SOCKET, ControlError, call
 from plugin.daemon.mig_engine import read_mig_file
+from plugin.daemon.mig_history import DEFAULT_STATE_DIR, read_history
 from sharing.errors import SharingError
 from sharing.ranges import index_ranges
 
@@ -87,6 +88,11 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--format", choices=["table", "json"], default="table",
                         help="table (default) or json (every field, per-GPU outcomes included)")
     _socket_arg(status)
+    status.add_argument(
+        "--state-dir", metavar="DIR", type=Path,
+        help="read the job history a daemon left in its state directory (e.g."
+        f" {DEFAULT_STATE_DIR}) instead of asking it: for a daemon that is not running",
+    )
     status.set_defaults(func=status_command)
 
 
@@ -128,11 +134,17 @@ def reconfigure_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    """Ask for the job history and print it."""
+    """Ask for the job history and print it (or read it from --state-dir)."""
+    if args.state_dir is not None:
+        if args.node is not None or args.control_socket is not None:
+            return _error("status", "--state-dir reads the history without a daemon: it does"
+                          " not go with --node or --control-socket", EXIT_REFUSED)
+        return _offline_status(args.state_dir, args.format)
     try:
         answer = call(_socket_path(args), {"op": "status"})
     except ControlError as err:
-        return _error("status", str(err), EXIT_FAILED)
+        return _error("status", f"{err} (is `gpushare run` running? `--state-dir DIR` shows"
+                      " the history it left)", EXIT_FAILED)
     if not answer.get("ok"):
         return _error("status", str(answer.get("error")), EXIT_FAILED)
     answer.pop("ok")
@@ -140,6 +152,22 @@ def status_command(args: argparse.Namespace) -> int:
         print(json.dumps(answer, indent=2))
     else:
         print(format_status(answer))
+    return 0
+
+
+def _offline_status(state_dir: Path, output: str) -> int:
+    """The history a daemon left in `state_dir`, printed like a daemon's answer."""
+    try:
+        jobs = read_history(state_dir)
+    except ValueError as err:
+        return _error("status", str(err), EXIT_FAILED)
+    status = {"jobs": [j.to_json() for j in jobs], "state_dir": str(state_dir)}
+    if output == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"job history from {state_dir} (read from disk: no daemon was asked; a job shown"
+              " running was interrupted and the next start finishes it)")
+        print(format_jobs(status))
     return 0
 
 
@@ -154,6 +182,12 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("schedule:" + ("" if schedule else " (none)"))
     lines += [f"  {e['cron']:<20} -> {e['config']:<20} next {e['next_run'] or 'never'}"
               for e in schedule]
+    return "\n".join([*lines, format_jobs(status)])
+
+
+def format_jobs(status: dict[str, Any]) -> str:
+    """The running job and the history as a table, newest first."""
+    lines: list[str] = []
     jobs = list(reversed(status.get("jobs") or []))
     current = status.get("current")
     if current and all(j["id"] != current["id"] for j in jobs):

@@ -143,6 +143,39 @@ def _check_private(directory: Path) -> None:
                                     "the MIG journal there could be planted")
 
 
+def _read_history(path: Path) -> tuple[list[JobRecord], int]:
+    """The jobs (oldest first) and next job id of a history file.
+
+    Raises:
+        FileNotFoundError: there is none.
+        OSError: it cannot be read.
+        ValueError, KeyError, TypeError: it is not a job history.
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"not a version {FORMAT_VERSION} job history")
+    return [JobRecord.from_json(j) for j in data["jobs"]], int(data["next_id"])
+
+
+def read_history(state_dir: Path) -> tuple[JobRecord, ...]:
+    """The jobs a daemon recorded in `state_dir`, oldest first, read without changing anything
+    (for `gpushare mig status --state-dir` while no daemon runs).
+
+    Raises:
+        ValueError: no history there, or it cannot be read (the message names the file).
+    """
+    path = Path(state_dir) / HISTORY_FILE
+    try:
+        return tuple(_read_history(path)[0])
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no MIG job history (no job has run with this state "
+                         "directory)") from None
+    except OSError as err:
+        raise ValueError(f"{path}: unreadable ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 class JobStore:
     """The job history and the active-job file of one state directory; thread-safe."""
 
@@ -177,11 +210,7 @@ class JobStore:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _check_private(self.state_dir)
         try:
-            data = _read_json(self.history_path)
-            if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-                raise ValueError(f"not a version {FORMAT_VERSION} job history")
-            jobs = [JobRecord.from_json(j) for j in data["jobs"]]
-            next_id = int(data["next_id"])
+            jobs, next_id = _read_history(self.history_path)
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as err:
