@@ -294,12 +294,8 @@ def _answer_mig(request: Mapping[str, Any]) -> dict[str, object]:
                                              .select(config))}
     except MigConfigError as err:
         return {"error": str(err)}
-    except MemoryError:
-        return {"error": f"{shorten(source, 160)}: reading the mig-parted file needed more than "
-                         f"{CHILD_MEMORY_BYTES >> 20} MiB; nothing was applied"}
     except Exception as err:  # noqa: BLE001 - the reply must say what happened, in one line
-        return {"error": f"{shorten(source, 160)}: unexpected error reading the mig-parted "
-                         f"file: {type(err).__name__}: {shorten(str(err), 200)}"}
+        return _failed(source, "mig-parted file", err)
 
 
 def _answer_config(request: Mapping[str, Any]) -> dict[str, object]:
@@ -313,13 +309,18 @@ def _answer_config(request: Mapping[str, Any]) -> dict[str, object]:
         )
     except ConfigError as err:
         return {"error": str(err)}
-    except MemoryError:
-        return {"error": f"{shorten(path, 160)}: reading the config needed more than "
-                         f"{CHILD_MEMORY_BYTES >> 20} MiB; nothing was applied"}
     except Exception as err:  # noqa: BLE001 - the reply must say what happened, in one line
-        return {"error": f"{shorten(path, 160)}: unexpected error reading the config: "
-                         f"{type(err).__name__}: {shorten(str(err), 200)}"}
+        return _failed(path, "config", err)
     return {"config": config.model_dump(mode="json", by_alias=True, exclude_unset=True)}
+
+
+def _failed(name: str, what: str, err: Exception) -> dict[str, object]:
+    """The reply for a read that failed past its own checks: out of memory, or a bug."""
+    if isinstance(err, MemoryError):
+        return {"error": f"{shorten(name, 160)}: reading the {what} needed more than "
+                         f"{CHILD_MEMORY_BYTES >> 20} MiB; nothing was applied"}
+    return {"error": f"{shorten(name, 160)}: unexpected error reading the {what}: "
+                     f"{type(err).__name__}: {shorten(str(err), 200)}"}
 
 
 def main() -> int:
