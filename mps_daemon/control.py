@@ -222,6 +222,7 @@ class MpsControlDaemon:
         self._cancel = cancel  # set: a start in progress gives up at its next step
         self._root_warned = False
         self._process: Process | None = None
+        self._answered = False  # the child has answered a command since it was spawned
         self._restore_modes: dict[int, ComputeMode] = {}
 
     # -- queries -------------------------------------------------------------------------------
@@ -342,6 +343,7 @@ class MpsControlDaemon:
 
     def _spawn(self) -> None:
         argv = [*self._control, "-f"]
+        self._answered = False
         try:
             self._process = self._runner.spawn(
                 argv, env=self.daemon_env, output=Path(self.spec.log_dir) / OUTPUT_FILE
@@ -386,6 +388,7 @@ class MpsControlDaemon:
             if pid_file.exists():
                 try:
                     self.command(["get_server_list"])
+                    self._answered = True
                     return
                 except MpsDaemonError as err:
                     last = str(err)
@@ -444,13 +447,20 @@ class MpsControlDaemon:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        try:
-            self.command(["quit"])
-            process.wait(timeout=self._stop_s)
-            return
-        except (MpsDaemonError, subprocess.TimeoutExpired) as err:
-            log.warning("%s: control daemon did not quit (%s); terminating it",
-                        self.spec.resource, err, extra={"resource": self.spec.resource})
+        if not self._answered:
+            # Stopped while starting (a start that failed or was abandoned): it has never
+            # answered, so `quit` would only wait for its timeout and fail; nothing went wrong
+            # in the stop itself, so no warning (a crash loop reports its ERROR once).
+            log.info("%s: control daemon (pid %d) had not answered yet; terminating it",
+                     self.spec.resource, process.pid, extra={"resource": self.spec.resource})
+        else:
+            try:
+                self.command(["quit"])
+                process.wait(timeout=self._stop_s)
+                return
+            except (MpsDaemonError, subprocess.TimeoutExpired) as err:
+                log.warning("%s: control daemon did not quit (%s); terminating it",
+                            self.spec.resource, err, extra={"resource": self.spec.resource})
         process.terminate()
         try:
             process.wait(timeout=self._stop_s)

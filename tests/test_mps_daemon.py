@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -573,6 +574,28 @@ def test_daemon_that_never_answers_cannot_hold_start_probe_or_stop(mps_root: Pat
     assert time.monotonic() - began < 6
     pid = int((Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid").read_text())
     assert not _alive(pid)
+
+
+def test_start_abandoned_before_the_daemon_answers_ends_it_without_a_warning(
+    mps_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop that comes while the control daemon has not answered yet (a start in progress):
+    the start gives up, the child is ended, and no WARNING says `quit` failed: it could not
+    have answered it, and a crash loop stopped at such a moment must still log one ERROR."""
+    spec = _spec(str(mps_root))
+    cancel = threading.Event()
+    daemon = MpsControlDaemon(spec, control_binary=_hostile("silent"), mps_root=str(mps_root),
+                              ready_timeout_s=60.0, command_timeout_s=0.5, stop_timeout_s=0.5,
+                              cancel=cancel)
+    pid_file = Path(spec.pipe_dir) / "nvidia-cuda-mps-control.pid"
+    threading.Timer(0.0, lambda: (_wait(pid_file.exists, timeout_s=30), cancel.set())).start()
+    caplog.set_level(logging.INFO, logger="gpushare.mps")
+    with pytest.raises(MpsDaemonError, match="start abandoned"):
+        daemon.start()
+    pid = int(pid_file.read_text())
+    assert not _alive(pid)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("had not answered yet; terminating it" in r.getMessage() for r in caplog.records)
 
 
 def test_stop_with_wedged_daemons_takes_one_timeout_not_one_per_daemon(mps_root: Path) -> None:
