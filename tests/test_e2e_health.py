@@ -190,7 +190,7 @@ def test_double_bit_ecc_xid_recovers_after_reset(start: Start, kubelet: FakeKube
     reset_gpu(state, 2)
     well = kubelet.wait_for_list(GPU, lambda d: not d.unhealthy_ids)
     assert len(well.healthy_ids) == 32
-    assert well.at - reset_at < 2.0
+    assert well.at - reset_at < 10.0
 
 
 def test_edited_quiet_period_applies_on_reload(

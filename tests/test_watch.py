@@ -21,6 +21,7 @@ from tests.fakes.kubelet import FakeKubelet
 from tests.test_reload import make_daemon, time_slicing
 
 HOUR_S = 3600.0
+WITHIN_S = 10.0  # generous for a busy machine, and far below the hour: inotify did it
 
 
 class Steps:
@@ -81,7 +82,7 @@ def test_configmap_symlink_swap_wakes_the_loop(watched: object, tmp_path: Path) 
     events, steps = watched(configmap)  # type: ignore[operator]
     calls = settle(events, steps)
     write_configmap(configmap, {"config.yaml": "b"})
-    assert steps.wait_beyond(calls, 1.0) < 1.0
+    steps.wait_beyond(calls, WITHIN_S)
     assert (configmap / "config.yaml").read_text() == "b"
 
 
@@ -89,7 +90,7 @@ def test_kubelet_style_socket_churn_wakes_the_loop(watched: object, tmp_path: Pa
     events, steps = watched(tmp_path)  # type: ignore[operator]
     calls = settle(events, steps)
     (tmp_path / "kubelet.sock").touch()
-    assert steps.wait_beyond(calls, 1.0) < 0.2
+    steps.wait_beyond(calls, WITHIN_S)
 
 
 def test_no_inotify_for_a_missing_directory_polls_then_watches_once_it_exists(
@@ -98,12 +99,12 @@ def test_no_inotify_for_a_missing_directory_polls_then_watches_once_it_exists(
     directory = tmp_path / "later"
     with caplog.at_level(logging.INFO, logger="gpushare.daemon"):
         events, steps = watched(directory, poll_s=0.05, retry_s=0.2)  # type: ignore[operator]
-        steps.wait_beyond(3, 2.0)  # polling every 50 ms
+        steps.wait_beyond(3, WITHIN_S)  # polling every 50 ms
         assert not events.using_inotify
         directory.mkdir()
         calls = settle(events, steps)
         (directory / "x").touch()
-        steps.wait_beyond(calls, 1.0)
+        steps.wait_beyond(calls, WITHIN_S)
     messages = [r.getMessage() for r in caplog.records if "test-watch" in r.getMessage()]
     assert messages[0] == (
         f"test-watch: inotify unavailable for {directory} (FileNotFoundError: {directory} "
@@ -126,12 +127,12 @@ def test_directory_replaced_is_watched_again(watched: object, tmp_path: Path) ->
         time.sleep(0.01)
     calls = settle(events, steps)
     (directory / "y").touch()
-    assert steps.wait_beyond(calls, 1.0) < 1.0
+    steps.wait_beyond(calls, WITHIN_S)
 
 
 def test_inotify_off_polls(watched: object, tmp_path: Path) -> None:
     events, steps = watched(tmp_path, poll_s=0.05, inotify=False)  # type: ignore[operator]
-    steps.wait_beyond(3, 2.0)
+    steps.wait_beyond(3, WITHIN_S)
     assert not events.using_inotify
     assert events.alive
 
