@@ -69,8 +69,8 @@ def test_resource_added_by_a_reload_during_a_kubelet_poll_is_registered(
     monkeypatch.setattr(daemon.link, "_sockets", sockets_then_reload)
     daemon.link.poll_once()
     daemon.link.poll_once()
-    kubelet.wait_for(lambda: "nvidia.com/gpu.shared" in kubelet.resources(), 2.0)
-    assert daemon.link.wait_registered(2.0)
+    kubelet.wait_for(lambda: "nvidia.com/gpu.shared" in kubelet.resources(), 10.0)
+    assert daemon.link.wait_registered(10.0)
     assert len(kubelet.wait_for_list("nvidia.com/gpu.shared", lambda _: True).devices) == 32
 
 

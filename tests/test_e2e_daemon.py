@@ -290,7 +290,7 @@ def test_deleted_socket_alone_leads_to_restart_and_registration(
     start_daemon()
     kubelet.wait_for_list("nvidia.com/gpu", lambda _: True)
     (kubelet_dir / "gpushare-gpu.sock").unlink()
-    kubelet.wait_for(lambda: len(kubelet.registrations) == 2, timeout_s=2.0)
+    kubelet.wait_for(lambda: len(kubelet.registrations) == 2, timeout_s=10.0)
     assert (kubelet_dir / "gpushare-gpu.sock").exists()
     assert len(kubelet.wait_for_list("nvidia.com/gpu", lambda _: True).devices) == 32
     assert kubelet.allocate("nvidia.com/gpu", 1).response.container_responses

@@ -174,7 +174,7 @@ def test_registration_waits_for_the_kubelet(kubelet_dir: Path) -> None:
     try:
         fake = FakeKubelet(kubelet_dir)
         try:
-            fake.wait_for(lambda: fake.resources() == ["nvidia.com/gpu"], timeout_s=3)
+            fake.wait_for(lambda: fake.resources() == ["nvidia.com/gpu"], timeout_s=10)
             fake.wait_for_list("nvidia.com/gpu", lambda _: True)
             got = fake.allocate_ids("nvidia.com/gpu", [[f"{GPUS[2]}::0", f"{GPUS[3]}::1"]])
             assert got.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == "2,3"
