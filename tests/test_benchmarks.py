@@ -119,7 +119,7 @@ def test_without_go_the_python_client_is_used_and_the_table_says_so(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no go here
     out = tmp_path / "bench.json"
-    assert main(["--runs", "100", "--only", "allocate", "--json", str(out)]) == 0
+    assert main(["--runs", "20", "--only", "allocate", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Allocate: gpushare (Python client, no Go baseline: go not on PATH)" in printed
     assert "machine: " in printed
@@ -130,7 +130,7 @@ def test_without_go_the_python_client_is_used_and_the_table_says_so(
     assert [f["name"].split(":")[0] for f in client_rows] == [
         "Allocate", "GetPreferredAllocation", "admission (preferred + Allocate)", "empty RPC",
     ]  # fmt: skip
-    assert all(f["runs"] == 3 * 100 and f["p99"] >= f["median"] > 0 for f in client_rows)
+    assert all(f["runs"] == 3 * 20 and f["p99"] >= f["median"] > 0 for f in client_rows)
     assert [f["name"] for f in figures[len(client_rows) :]] == [
         "Allocate 1 device, envvar, metrics off (alternating)",
         "Allocate 1 device, envvar, metrics on (alternating)",
@@ -216,7 +216,7 @@ def test_command_compares_gpushare_with_the_go_baseline(
     go_tools: kubelet_client.GoTools, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "bench.json"
-    assert main(["--runs", "100", "--only", "allocate", "--json", str(out)]) == 0
+    assert main(["--runs", "20", "--only", "allocate", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
     pinned = f"gpushare --cpu-affinity {max(os.sched_getaffinity(0))}"
@@ -225,9 +225,9 @@ def test_command_compares_gpushare_with_the_go_baseline(
     for label in ("Allocate", "GetPreferredAllocation", "admission (preferred + Allocate)",
                   "empty RPC"):  # fmt: skip
         baseline = figures[f"{label}: Go baseline"]
-        assert baseline["runs"] == 3 * 100
+        assert baseline["runs"] == 3 * 20
         for plugin in plugins:
-            assert figures[f"{label}: {plugin}"]["runs"] == 3 * 100
+            assert figures[f"{label}: {plugin}"]["runs"] == 3 * 20
             ratio = figures[f"{label}: median ratio {plugin} / Go baseline"]
             assert ratio["runs"] == 3
             assert ratio["unit"] == "x"
