@@ -325,8 +325,8 @@ def test_run_says_which_path_it_cannot_use(
 
 @pytest.fixture
 def unreadable_node() -> Iterator[Path]:
-    """A simulated node's state directory whose files this user cannot open, in a directory
-    anyone can enter (children run as nobody when the tests run as root; see unprivileged)."""
+    """A simulated node's state directory whose files (mode 0) this user cannot open; as root,
+    children run without capabilities (see unprivileged), so mode 0 holds for them too."""
     top = Path(f"/tmp/gs-perm-{os.getpid()}")
     top.mkdir(mode=0o755)
     try:
@@ -339,13 +339,15 @@ def unreadable_node() -> Iterator[Path]:
 
 
 def unprivileged() -> list[str]:
-    """A command prefix that drops root (which ignores file modes) to nobody; none otherwise."""
+    """A command prefix that takes every capability from root (which ignores file modes through
+    CAP_DAC_OVERRIDE); none otherwise. The child stays uid 0, so it can still read the checkout
+    and its .venv wherever they are (a clone in a private 0700 directory, as CI makes)."""
     if os.geteuid() != 0:
         return []
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("running as root without setpriv (util-linux): cannot drop root")
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        pytest.skip("running as root without setpriv (util-linux): cannot drop root's rights")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
 
 
 @pytest.mark.parametrize(
