@@ -382,11 +382,10 @@ class MigJobRunner:
         drain.applied()
         record = replace(record, phase="reloading")
         self._update(record, "reading the node again and serving the new plan")
-        if self.host.reload(drop_overlay=OVERLAY_SOURCE, node_changed=True):
-            pass
-        elif self.host.phase == "stopping":  # the layout is in place: the next start serves it
+        served = self.host.reload(drop_overlay=OVERLAY_SOURCE, node_changed=True)
+        if not served and self.host.phase == "stopping":  # the next start serves the layout
             self._update(record, "the daemon is stopping: its next start serves the new layout")
-        else:
+        elif not served:
             why = getattr(self.host, "reload_error", "") or "see the daemon log"
             changed = {o.uuid for o in outcomes if o.outcome in ("reconfigured", "failed")}
             if changed:
