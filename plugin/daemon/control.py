@@ -25,12 +25,13 @@ import os
 import select
 import socket
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from plugin.daemon.unix_socket import MAX_SOCKET_PATH, bind_private
 
 log = logging.getLogger("gpushare.control")
 
@@ -39,7 +40,6 @@ MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request carries a mig-parted file of up
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 16
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 ACCEPT_POLL_S = 0.2
 
 Message = dict[str, Any]
@@ -227,22 +227,13 @@ class ControlServer:
         self._inode = None
 
     def _bind_private(self, sock: socket.socket) -> None:
-        """Bind in a fresh 0700 directory, make the socket 0600, then rename it into place.
+        """Bind where nobody can reach the socket before it is 0600 (unix_socket.bind_private)."""
 
-        So the socket is never reachable with wider permissions, without touching the
-        process-wide umask (other threads create files and directories meanwhile).
-        """
-        private = Path(tempfile.mkdtemp(prefix=".c", dir=self.path.parent))
-        try:
-            temporary = private / "s"
+        def bind(temporary: Path) -> None:
             check_socket_path(temporary)
             sock.bind(str(temporary))
-            os.chmod(temporary, 0o600)
-            os.rename(temporary, self.path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(private / "s")
-            os.rmdir(private)
+
+        bind_private(self.path, bind, 0o600)
 
     def _remove_stale(self) -> None:
         """Remove a socket left by a daemon that died; refuse a live one or a non-socket."""

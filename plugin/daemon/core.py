@@ -28,7 +28,6 @@ from plugin.cli.config_file import build_plan_from, load_config_file
 from plugin.daemon.allocate import ResourceAllocator, build_allocators
 from plugin.daemon.cdi import CdiSpecs, CdiUpdate, generator_argv
 from plugin.daemon.config_reader import ConfigReader, ReadCancelled
-from plugin.daemon.control import MAX_SOCKET_PATH
 from plugin.daemon.health_monitor import HealthMonitor, create_health_monitor, health_policy
 from plugin.daemon.kubelet import KubeletLink
 from plugin.daemon.observe import Observability
@@ -36,6 +35,7 @@ from plugin.daemon.reloads import ReloadLoop
 from plugin.daemon.server import PluginServer, create_server
 from plugin.daemon.signals import install_signals, restore_signals
 from plugin.daemon.state import NodeState
+from plugin.daemon.unix_socket import MAX_SOCKET_PATH
 from plugin.daemon.watch import FileWatcher
 from sharing.config import Config, apply_overrides, default_config
 from sharing.devices import Inventory

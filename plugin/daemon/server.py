@@ -16,10 +16,8 @@ REFUSALS_LOGGED_PER_WINDOW per minute, the rest counted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +34,7 @@ from plugin.daemon.allocate import ResourceAllocator
 from plugin.daemon.metrics import AllocateRecorder
 from plugin.daemon.refusals import RateLimitedLog
 from plugin.daemon.state import NodeState
+from plugin.daemon.unix_socket import MAX_SOCKET_PATH, bind_private
 from sharing.allocation import check_container_count, check_id_lists, preferred_allocation
 from sharing.errors import InvalidRequest
 from sharing.text import shorten
@@ -44,7 +43,6 @@ log = logging.getLogger("gpushare.server")
 
 STREAM_POLL_S = 0.25  # how often an idle ListAndWatch stream checks that it is still wanted
 SOCKET_MODE = 0o600
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a request naming 16,384 IDs of 55 characters is ~1 MB
 SERVICE = "v1beta1.DevicePlugin"
 
@@ -312,28 +310,21 @@ class PluginServer:
         if size > MAX_SOCKET_PATH:  # the short temporary path would bind; nobody could dial it
             raise OSError(f"cannot bind {self.socket_path}: the path is {size} bytes; unix "
                           f"socket paths are limited to {MAX_SOCKET_PATH}")
-        try:
-            private = Path(tempfile.mkdtemp(prefix=".p", dir=self.socket_path.parent))
-        except OSError as err:
-            raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
-        temporary = private / "s"
-        try:
+
+        def bind(temporary: Path) -> None:
             try:
                 bound = server.add_insecure_port(f"unix://{temporary}")
             except RuntimeError as err:
                 raise OSError(f"cannot bind {self.socket_path}: {err}") from err
             if bound == 0:
                 raise OSError(f"cannot bind {self.socket_path}")
-            os.chmod(temporary, SOCKET_MODE)
-            os.rename(temporary, self.socket_path)
+
+        try:
+            bind_private(self.socket_path, bind, SOCKET_MODE)
         except OSError as err:
-            if not str(err).startswith("cannot bind"):
-                raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
-            raise
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            os.rmdir(private)
+            if str(err).startswith("cannot bind"):
+                raise
+            raise OSError(f"cannot bind {self.socket_path}: {err.strerror or err}") from err
 
     def stop(self, grace_s: float = 0.2) -> None:
         """Stop serving and remove the socket; safe to call twice."""
